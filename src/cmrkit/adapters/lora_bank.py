@@ -1,0 +1,328 @@
+"""A frozen Linear with a bank of LoRA adapters and per-sample routing.
+
+``y = W x + Σ_k w_k · s_k · B_k A_k x`` with weights chosen per sample by an
+:class:`AdapterRouting` that the layer reads at forward time (set it on every layer at once
+through ``LoRABank.routing(...)``). All modes are one batched computation: never a Python loop
+over samples, never a per-sample (m × n) matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmrkit.merging.core_space import CoreBasis, core_basis, merge_in_core
+from cmrkit.merging.rules import check_params
+
+MODES = ("none", "single", "hard", "soft", "core")
+
+
+@dataclass(eq=False)
+class AdapterRouting:
+    """Which adapters act on which sample. Build it with the class methods.
+
+    - ``none``: bare backbone.
+    - ``single``: adapter ``index`` for every sample (training, oracle routing).
+    - ``hard``: ``indices`` (batch,), one adapter per sample, -1 = bare backbone.
+    - ``soft``: ``weights`` (batch, K) over all adapters.
+    - ``core``: ``indices`` (batch, k) with -1 padding and ``weights`` (batch, k); each sample's
+      adapters are merged with ``rule(**params)`` in their core space. A sample with a single
+      adapter uses it as is (weight × its update) unless ``rule_on_single``.
+    ``batch_dim`` is the sample dimension of the layer inputs (0 for batch-first models).
+    """
+
+    mode: str = "none"
+    index: int | None = None
+    indices: Tensor | None = None
+    weights: Tensor | None = None
+    rule: str = "task_arithmetic"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    rule_on_single: bool = False
+    batch_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown routing mode {self.mode!r}; choose from {MODES}")
+        need = {
+            "single": ("index",),
+            "hard": ("indices",),
+            "soft": ("weights",),
+            "core": ("indices", "weights"),
+        }.get(self.mode, ())
+        missing = [n for n in need if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"routing mode {self.mode!r} needs {missing}")
+        if self.mode == "core":
+            check_params(self.rule, dict(self.params))  # fail early, not inside a forward
+
+    @classmethod
+    def none(cls) -> AdapterRouting:
+        return cls()
+
+    @classmethod
+    def single(cls, index: int) -> AdapterRouting:
+        return cls("single", index=int(index))
+
+    @classmethod
+    def hard(cls, indices: Tensor, batch_dim: int = 0) -> AdapterRouting:
+        return cls("hard", indices=torch.as_tensor(indices), batch_dim=batch_dim)
+
+    @classmethod
+    def soft(cls, weights: Tensor, batch_dim: int = 0) -> AdapterRouting:
+        return cls("soft", weights=torch.as_tensor(weights), batch_dim=batch_dim)
+
+    @classmethod
+    def core(
+        cls,
+        indices: Tensor,
+        weights: Tensor,
+        rule: str = "task_arithmetic",
+        *,
+        rule_on_single: bool = False,
+        batch_dim: int = 0,
+        **params: Any,
+    ) -> AdapterRouting:
+        return cls(
+            "core",
+            indices=torch.as_tensor(indices),
+            weights=torch.as_tensor(weights),
+            rule=rule,
+            params=params,
+            rule_on_single=rule_on_single,
+            batch_dim=batch_dim,
+        )
+
+
+class LoRABankLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus K LoRA adapters (ranks may differ)."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+        self.lora_A = nn.ParameterList()  # adapter k: (r_k, n)
+        self.lora_B = nn.ParameterList()  # adapter k: (m, r_k)
+        self.lora_dropout = nn.ModuleList()
+        self.alphas: list[float] = []
+        self.routing = AdapterRouting()
+        self._version = 0  # bumped whenever adapters may have changed: invalidates core bases
+        self._core_cache: dict[tuple[int, ...], tuple[tuple, CoreBasis]] = {}
+
+    # Some model code reads .weight / .bias of its Linears (dtype checks, tying).
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.lora_A)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [a.shape[0] for a in self.lora_A]
+
+    @property
+    def scales(self) -> list[float]:
+        return [alpha / r for alpha, r in zip(self.alphas, self.ranks, strict=True)]
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._core_cache.clear()
+
+    def train(self, mode: bool = True) -> LoRABankLinear:
+        self._bump()  # adapters are about to change (or just did)
+        return super().train(mode)
+
+    def add_adapter(self, rank: int = 16, alpha: float = 32.0, dropout: float = 0.1) -> int:
+        """Append an adapter (A kaiming-uniform as in PEFT, B = 0, frozen); return its index."""
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        w = self.base.weight
+        a = torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device)
+        self.lora_A.append(nn.Parameter(a, requires_grad=False))
+        self.lora_B.append(nn.Parameter(b, requires_grad=False))
+        self.lora_dropout.append(nn.Dropout(dropout) if dropout > 0 else nn.Identity())
+        self.alphas.append(float(alpha))
+        self._bump()
+        return self.num_adapters - 1
+
+    def _check_index(self, idx: int) -> None:
+        if not 0 <= idx < self.num_adapters:
+            raise IndexError(f"adapter {idx} out of range (bank has {self.num_adapters})")
+
+    def set_trainable(self, idx: int | None) -> None:
+        """Let only adapter ``idx`` (None: none) require grad."""
+        if idx is not None:
+            self._check_index(idx)
+        for k, (a, b) in enumerate(zip(self.lora_A, self.lora_B, strict=True)):
+            a.requires_grad_(k == idx)
+            b.requires_grad_(k == idx)
+        self._bump()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in [*self.lora_A, *self.lora_B] if p.requires_grad]
+
+    def adapter_state(self, idx: int) -> dict[str, Tensor]:
+        """Copies of adapter ``idx``'s A (r, n) and B (m, r) (unscaled, as trained)."""
+        self._check_index(idx)
+        return {
+            "lora_A": self.lora_A[idx].detach().clone(),
+            "lora_B": self.lora_B[idx].detach().clone(),
+        }
+
+    @torch.no_grad()
+    def load_adapter_state(self, idx: int, lora_A: Tensor, lora_B: Tensor) -> None:
+        self._check_index(idx)
+        for dst, src, name in (
+            (self.lora_A[idx], lora_A, "lora_A"),
+            (self.lora_B[idx], lora_B, "lora_B"),
+        ):
+            if dst.shape != src.shape:
+                raise ValueError(
+                    f"{name} of adapter {idx}: expected {tuple(dst.shape)}, got {tuple(src.shape)}"
+                )
+            dst.copy_(src)
+        self._bump()
+
+    @torch.no_grad()
+    def merge_into_base(self, idx: int, factor: float = 1.0) -> None:
+        """W += factor · s · B A (C-CLIP folds each task's LoRA into the backbone)."""
+        self._check_index(idx)
+        delta = self.lora_B[idx] @ self.lora_A[idx]
+        self.base.weight += (factor * self.scales[idx]) * delta.to(self.base.weight.dtype)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        r = self.routing
+        if r.mode == "none":
+            return out
+        if r.mode == "single":
+            self._check_index(r.index)
+            return out + self._single(x, r.index)
+        # Per-sample modes work on a batch-first view.
+        xb = x.movedim(r.batch_dim, 0)
+        if r.mode == "core":
+            delta = self._core(xb, r, out.dtype)
+        else:
+            delta = self._mix(xb, self._mix_weights(r, xb.shape[0]))
+        return out + delta.movedim(0, r.batch_dim)
+
+    def _single(self, x: Tensor, idx: int) -> Tensor:
+        h = F.linear(self.lora_dropout[idx](x), self.lora_A[idx])
+        return self.scales[idx] * F.linear(h, self.lora_B[idx])
+
+    def _mix_weights(self, r: AdapterRouting, batch: int) -> Tensor:
+        K = self.num_adapters
+        if r.mode == "soft":
+            w = r.weights
+            if w.shape != (batch, K):
+                raise ValueError(
+                    f"soft routing weights must be (batch, K) = {(batch, K)}, got {tuple(w.shape)}"
+                )
+            return w
+        idx = r.indices
+        if idx.shape != (batch,):
+            raise ValueError(
+                f"hard routing indices must be (batch,) = ({batch},), got {tuple(idx.shape)}"
+            )
+        if bool(((idx < -1) | (idx >= K)).any()):
+            raise IndexError(f"hard routing index out of range [-1, {K})")
+        # One-hot rows; -1 gives an all-zero row, i.e. the bare backbone for that sample.
+        return F.one_hot(idx.clamp(min=0).long(), K) * (idx >= 0).unsqueeze(1)
+
+    def _mix(self, x: Tensor, weights: Tensor) -> Tensor:
+        """Σ_k w[b,k] s_k B_k A_k x[b] via one (ΣR, n) and one (m, ΣR) matmul."""
+        ranks = self.ranks
+        owner = torch.repeat_interleave(
+            torch.arange(len(ranks), device=x.device), torch.tensor(ranks, device=x.device)
+        )
+        scales = torch.tensor(self.scales, dtype=x.dtype, device=x.device)
+        coef = weights.to(device=x.device, dtype=x.dtype)[:, owner] * scales[owner]  # (B, ΣR)
+        if self.training and any(isinstance(d, nn.Dropout) for d in self.lora_dropout):
+            # Each adapter sees its own dropout mask, as when trained alone.
+            h = torch.cat(
+                [F.linear(d(x), a) for d, a in zip(self.lora_dropout, self.lora_A, strict=True)],
+                dim=-1,
+            )
+        else:
+            h = F.linear(x, torch.cat(list(self.lora_A), dim=0))
+        h = h * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])
+        return F.linear(h, torch.cat(list(self.lora_B), dim=1))
+
+    def _basis(self, members: tuple[int, ...]) -> CoreBasis:
+        """Core basis of an adapter set, cached until any of its adapters changes."""
+        params = [p for j in members for p in (self.lora_A[j], self.lora_B[j])]
+        # Parameter _version counters catch in-place optimizer steps we are not told about.
+        key = (self._version, params[0].device, params[0].dtype, tuple(p._version for p in params))
+        hit = self._core_cache.get(members)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            basis = core_basis(
+                [self.lora_A[j] for j in members],
+                [self.scales[j] * self.lora_B[j] for j in members],
+            )
+        self._core_cache[members] = (key, basis)
+        return basis
+
+    def _core(self, x: Tensor, r: AdapterRouting, out_dtype: torch.dtype) -> Tensor:
+        """Per-sample merge in the core space of each sample's adapter set: U (M_i (V x))."""
+        idx, w = r.indices.to(x.device).long(), r.weights.to(x.device)
+        B, K = x.shape[0], self.num_adapters
+        if idx.dim() != 2 or idx.shape[0] != B or w.shape != idx.shape:
+            raise ValueError(
+                f"core routing needs indices and weights of shape (batch={B}, k), "
+                f"got {tuple(idx.shape)} and {tuple(w.shape)}"
+            )
+        if bool(((idx < -1) | (idx >= K)).any()):
+            raise IndexError(f"core routing index out of range [-1, {K})")
+        # Canonical adapter set per sample: sorted ids, padding (-1 -> K) last.
+        keyed, order = torch.where(idx >= 0, idx, K).sort(dim=1)
+        w = w.gather(1, order)
+        if bool(((keyed[:, 1:] == keyed[:, :-1]) & (keyed[:, 1:] < K)).any()):
+            raise ValueError("core routing lists the same adapter twice for a sample")
+        sets, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+        # out_dtype, not x.dtype: under autocast the matmuls return a lower precision.
+        delta = torch.zeros(*x.shape[:-1], self.out_features, dtype=out_dtype, device=x.device)
+        for g, row in enumerate(sets.tolist()):  # few distinct sets, never one per sample
+            members = tuple(j for j in row if j < K)
+            if not members:
+                continue  # all padding: bare backbone
+            sel = (inverse == g).nonzero().squeeze(1)
+            xg, wg = x.index_select(0, sel), w.index_select(0, sel)[:, : len(members)]
+            if len(members) == 1 and not r.rule_on_single:
+                scale = wg[:, 0].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+                y = self._single(xg, members[0]) * scale
+            else:
+                basis = self._basis(members)
+                m = merge_in_core(basis, wg, r.rule, **r.params).to(x.dtype)  # (G, dU, dV)
+                z = F.linear(xg, basis.V.to(x.dtype))  # (G, ..., dV)
+                z = (z.reshape(len(sel), -1, z.shape[-1]) @ m.mT).reshape(*z.shape[:-1], -1)
+                y = F.linear(z, basis.U.to(x.dtype))
+            delta.index_copy_(0, sel, y.to(out_dtype))
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.num_adapters}, ranks={self.ranks}"

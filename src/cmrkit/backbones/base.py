@@ -1,0 +1,76 @@
+"""The one face every backbone shows: a dual encoder with its tokenizer and image transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from .transforms import ImageTransform
+
+TextBatch = dict[str, Tensor]
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers mapping into one embedding space.
+
+    Subclasses implement ``_image_features`` and ``_text_features`` (unnormalised) and set
+    ``tokenizer`` (``list[str] -> TextBatch``), ``image_size``, ``embed_dim`` and
+    ``lora_targets``: the dotted-name suffixes of the ``nn.Linear`` layers an adapter may wrap
+    (attention output projection and both MLP projections, in both towers).
+    """
+
+    name: str = "dual-encoder"
+    embed_dim: int
+    image_size: int
+    lora_targets: tuple[str, ...] = ()
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    max_text_length: int = 77
+    tokenizer: Callable[..., dict]
+
+    def __init__(self) -> None:
+        super().__init__()
+        # CLIP's initial temperature, 1/0.07; backends overwrite it with the pretrained value.
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))
+
+    # --- the face evaluation and training use -------------------------------------------------
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        z = self._image_features(pixels)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, tokens: TextBatch, normalize: bool = True) -> Tensor:
+        z = self._text_features(tokens)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def tokenize(self, texts: Sequence[str]) -> TextBatch:
+        out = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        )
+        return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
+
+    def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
+        return ImageTransform(self.image_size, self.image_mean, self.image_std, train=train)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- to implement ---------------------------------------------------------------------------
+    def _image_features(self, pixels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _text_features(self, tokens: TextBatch) -> Tensor:
+        raise NotImplementedError
+
+
+def pooled(output) -> Tensor:
+    """transformers < 5 returns a tensor from ``get_*_features``; 5.x returns a model output."""
+    return output if isinstance(output, Tensor) else output.pooler_output

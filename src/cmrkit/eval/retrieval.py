@@ -1,0 +1,227 @@
+"""Image–text retrieval: embedding a dataset and Recall@K with clip_benchmark semantics.
+
+* text→image: a caption query is a hit at K if its image is among the top K images.
+* image→text: an image query is a hit at K if ANY of its captions is among the top K captions.
+
+Ranking is a stable descending sort by score: ties go to the lower gallery index first, so the
+rank of a positive ``p`` is ``#{j: s_j > s_p} + #{j < p: s_j == s_p}`` (0-based). Ranks are found
+by counting comparisons over query chunks; the full query × gallery matrix is never built and
+rows are never sorted. Scores are plain dot products: pass L2-normalised embeddings (as
+:func:`embed_images` / :func:`embed_texts` return) to get cosine similarity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Recall = dict[str, dict[str, float]]
+
+
+class Encoder(Protocol):
+    image_transform: Callable[[Any], Tensor]
+
+    def encode_image(self, pixels: Tensor) -> Tensor: ...
+    def encode_text(self, tokens: dict[str, Tensor]) -> Tensor: ...
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]: ...
+
+
+class CaptionDataset(Protocol):
+    name: str
+    captions: Sequence[list[str]]
+
+    def __len__(self) -> int: ...
+    def load_image(self, i: int) -> Any: ...
+
+
+@dataclass
+class DatasetEmbeddings:
+    """Embeddings of one dataset's test split: images [N,d], captions [M,d], caption→image [M]."""
+
+    images: Tensor
+    texts: Tensor
+    text_to_image: Tensor
+
+
+def _device_of(encoder: Any) -> torch.device:
+    dev = getattr(encoder, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    params = getattr(encoder, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(encoder: Any) -> Iterator[None]:
+    """Put an ``nn.Module`` encoder in eval mode for the block, restoring its mode afterwards."""
+    if isinstance(encoder, torch.nn.Module):
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            yield
+        finally:
+            encoder.train(was_training)
+    else:
+        yield
+
+
+def _progress(total: int, desc: str, progress: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    # disable=None lets tqdm switch itself off when the output is not a tty
+    return tqdm(total=total, desc=desc, unit="it", leave=False,
+                disable=None if progress is None else not progress)
+
+
+def _finish(x: Tensor) -> Tensor:
+    return F.normalize(x.detach().float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def embed_images(encoder: Encoder, ds: CaptionDataset, batch_size: int = 256,
+                 indices: Sequence[int] | None = None,
+                 progress: bool | None = None) -> Tensor:
+    """L2-normalised float32 CPU image embeddings [N,d] of ``ds`` (or of ``indices`` of it)."""
+    idx = list(range(len(ds))) if indices is None else list(indices)
+    device = _device_of(encoder)
+    out: list[Tensor] = []
+    with _eval_mode(encoder), _progress(len(idx), f"images {getattr(ds, 'name', '')}",
+                                        progress) as bar:
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            pixels = torch.stack([encoder.image_transform(ds.load_image(i)) for i in chunk])
+            out.append(_finish(encoder.encode_image(pixels.to(device))))
+            bar.update(len(chunk))
+    if not out:
+        raise ValueError("embed_images: no images to embed")
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256,
+                progress: bool | None = None) -> Tensor:
+    """L2-normalised float32 CPU text embeddings [M,d]."""
+    device = _device_of(encoder)
+    out: list[Tensor] = []
+    with _eval_mode(encoder), _progress(len(texts), "texts", progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start:start + batch_size])
+            tokens = {k: v.to(device) for k, v in encoder.tokenize(chunk).items()}
+            out.append(_finish(encoder.encode_text(tokens)))
+            bar.update(len(chunk))
+    if not out:
+        raise ValueError("embed_texts: no texts to embed")
+    return torch.cat(out)
+
+
+def flatten_captions(ds: CaptionDataset) -> tuple[list[str], Tensor]:
+    """All captions of ``ds`` in image order, and the image index of each caption (LongTensor)."""
+    texts: list[str] = []
+    owner: list[int] = []
+    for i in range(len(ds)):
+        caps = ds.captions[i]
+        texts.extend(caps)
+        owner.extend([i] * len(caps))
+    return texts, torch.tensor(owner, dtype=torch.long)
+
+
+def embed_dataset(encoder: Encoder, ds: CaptionDataset, batch_size: int = 256,
+                  progress: bool | None = None) -> DatasetEmbeddings:
+    """Embed all images and all captions of ``ds``."""
+    texts, owner = flatten_captions(ds)
+    return DatasetEmbeddings(embed_images(encoder, ds, batch_size, progress=progress),
+                             embed_texts(encoder, texts, batch_size, progress=progress), owner)
+
+
+def _ranks_t2i(queries: Tensor, gallery: Tensor, positive: Tensor, chunk_size: int) -> Tensor:
+    """0-based rank of each query's single positive gallery item (stable, lower index first)."""
+    ranks = torch.empty(len(queries), dtype=torch.long)
+    cols = torch.arange(len(gallery), device=gallery.device)
+    for a in range(0, len(queries), chunk_size):
+        s = queries[a:a + chunk_size] @ gallery.T
+        p = positive[a:a + chunk_size].to(s.device)
+        sp = s.gather(1, p[:, None])
+        r = (s > sp).sum(1) + ((s == sp) & (cols[None] < p[:, None])).sum(1)
+        ranks[a:a + chunk_size] = r.cpu()
+    return ranks
+
+
+def _ranks_i2t(queries: Tensor, query_ids: Tensor, gallery: Tensor, gallery_owner: Tensor,
+               chunk_size: int) -> Tensor:
+    """0-based rank of the best-ranked gallery item owned by each query (any of its captions)."""
+    ranks = torch.empty(len(queries), dtype=torch.long)
+    owner = gallery_owner.to(gallery.device)
+    cols = torch.arange(len(gallery), device=gallery.device)
+    big = torch.tensor(len(gallery), device=gallery.device)
+    for a in range(0, len(queries), chunk_size):
+        s = queries[a:a + chunk_size] @ gallery.T
+        mine = owner[None] == query_ids[a:a + chunk_size].to(s.device)[:, None]
+        # best positive = highest score, lowest index on ties: it has the best stable rank
+        sp = s.masked_fill(~mine, float("-inf")).amax(1, keepdim=True)
+        p = torch.where(mine & (s == sp), cols[None], big).amin(1, keepdim=True)
+        r = (s > sp).sum(1) + ((s == sp) & (cols[None] < p)).sum(1)
+        ranks[a:a + chunk_size] = r.cpu()
+    return ranks
+
+
+def _recall(ranks: Tensor, ks: Sequence[int]) -> dict[str, float]:
+    if len(ranks) == 0:
+        return {f"R@{k}": float("nan") for k in ks}
+    return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
+
+
+def joint_recall(image_embs: Sequence[Tensor], text_embs: Sequence[Tensor],
+                 text_to_image: Sequence[Tensor], ks: Sequence[int] = (1, 5, 10),
+                 chunk_size: int = 1024) -> list[Recall]:
+    """Per-task recall against one joint gallery made of all the given tasks.
+
+    Task ``s``'s captions query all images of all tasks (t2i); task ``s``'s images query all
+    captions of all tasks (i2t). ``text_to_image[s]`` indexes into ``image_embs[s]``. Returns
+    one ``{"t2i": {"R@k": %}, "i2t": {...}}`` per task, in input order. Images without any
+    caption are left out of the image→text queries (they could never be hit).
+    """
+    if not (len(image_embs) == len(text_embs) == len(text_to_image)):
+        raise ValueError("joint_recall: image_embs, text_embs, text_to_image differ in length")
+    offsets = [0]
+    for im in image_embs:
+        offsets.append(offsets[-1] + len(im))
+    gal_img = torch.cat(list(image_embs))
+    gal_txt = torch.cat(list(text_embs)).to(gal_img.device, gal_img.dtype)
+    owner = torch.cat([t2i.long().cpu() + off
+                       for t2i, off in zip(text_to_image, offsets[:-1], strict=True)])
+    if len(owner) != len(gal_txt):
+        raise ValueError("joint_recall: text_to_image and text_embs differ in length")
+    results: list[Recall] = []
+    for s, (im, tx, t2i) in enumerate(zip(image_embs, text_embs, text_to_image, strict=True)):
+        off = offsets[s]
+        t_ranks = _ranks_t2i(tx.to(gal_img), gal_img, t2i.long() + off, chunk_size)
+        has_caption = torch.zeros(len(im), dtype=torch.bool)
+        has_caption[t2i.long().cpu()] = True
+        ids = torch.nonzero(has_caption).squeeze(1)
+        i_ranks = _ranks_i2t(im.to(gal_img)[ids.to(gal_img.device)], ids + off, gal_txt, owner,
+                             chunk_size)
+        results.append({"t2i": _recall(t_ranks, ks), "i2t": _recall(i_ranks, ks)})
+    return results
+
+
+def recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
+                ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> Recall:
+    """Recall@K in percent, both directions, for one gallery (see module doc for semantics)."""
+    return joint_recall([image_emb], [text_emb], [text_to_image], ks, chunk_size)[0]
+
+
+def evaluate_retrieval(encoder: Encoder, ds: CaptionDataset, batch_size: int = 256,
+                       ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024,
+                       progress: bool | None = None) -> tuple[Recall, DatasetEmbeddings]:
+    """Embed ``ds`` and compute its Recall@K; the embeddings are returned for joint galleries."""
+    emb = embed_dataset(encoder, ds, batch_size, progress)
+    return recall_at_k(emb.images, emb.texts, emb.text_to_image, ks, chunk_size), emb

@@ -1,0 +1,142 @@
+"""The one contrastive training loop every method uses.
+
+Each task's randomness (shuffling, caption choice, crops, dropout) is seeded from
+``(seed, task index)``, so a task re-run from the previous task's checkpoint reproduces an
+uninterrupted run exactly: that is what makes ``--resume`` after a crash give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..data.dataset import ImageCaptionDataset
+from ..utils import seed_everything
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 20
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    warmup_epochs: float = 5
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    amp: bool = True  # only takes effect on CUDA
+    seed: int = 42
+    num_workers: int = 0
+    max_steps: int | None = None  # cap on optimizer steps per task (smoke runs)
+    progress: bool = True
+
+
+class PairDataset(Dataset):
+    """(image tensor, one caption) per image; the caption and crop are drawn per (epoch, item)."""
+
+    def __init__(self, ds: ImageCaptionDataset, transform, seed: int) -> None:
+        self.ds, self.transform, self.seed, self.epoch = ds, transform, seed, 0
+        self._cache: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+        image = self._cache.get(i)
+        if image is None:
+            image = self._cache[i] = self.ds.load_image(i)
+        caption = rng.choice(self.ds.captions[i])
+        return self.transform(image, rng), caption
+
+
+def make_loader(ds: ImageCaptionDataset, backbone, cfg: TrainConfig, seed: int, train=True):
+    """A loader of (pixels, tokens, captions); ``train`` uses augmentation and shuffling."""
+    pairs = PairDataset(ds, backbone.image_transform(train=train), seed)
+
+    def collate(batch):
+        pixels = torch.stack([b[0] for b in batch])
+        captions = [b[1] for b in batch]
+        return pixels, backbone.tokenize(captions), captions
+
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(pairs, batch_size=cfg.batch_size, shuffle=train, drop_last=False,
+                      collate_fn=collate, generator=gen, num_workers=cfg.num_workers)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: int) -> dict:
+    """Train ``method`` on one task with symmetric InfoNCE plus the method's own loss terms."""
+    task_seed = cfg.seed * 1000 + task_index
+    seed_everything(task_seed)
+    backbone = method.backbone
+    device = backbone.device
+    loader = make_loader(ds, backbone, cfg, task_seed)
+    params = [p for p in method.trainable_parameters() if p.requires_grad]
+    if not params:
+        return {"steps": 0, "seconds": 0.0, "loss": None}
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch) if cfg.epochs > cfg.warmup_epochs else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    method.train_mode(True)
+    step, micro, seen, losses = 0, 0, 0, []
+    started = time.time()
+    bar = tqdm(total=total, desc=f"task {task_index} {ds.name}", disable=not cfg.progress,
+               mininterval=2, leave=False)
+    epoch = 0
+    while step < total:
+        loader.dataset.epoch = epoch
+        for pixels, tokens, _ in loader:
+            pixels = pixels.to(device)
+            tokens = {k: v.to(device) for k, v in tokens.items()}
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                terms = method.training_loss(pixels, tokens)
+                loss = sum(terms.values())
+            scaler.scale(loss / cfg.grad_accum).backward()
+            micro += 1
+            seen += len(pixels)
+            if micro % cfg.grad_accum:
+                continue
+            if cfg.max_grad_norm:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            method.after_step()
+            step += 1
+            losses.append(loss.item())
+            rate = seen / max(1e-9, time.time() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", samples_s=f"{rate:.0f}")
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    method.train_mode(False)
+    seconds = time.time() - started
+    return {"steps": step, "seconds": seconds, "loss": float(np.mean(losses[-10:])),
+            "samples_per_s": seen / max(seconds, 1e-9)}

@@ -1,0 +1,162 @@
+"""Pretraining of cmrkit-mini's image tower (locked-text contrastive tuning).
+
+The text tower (all-MiniLM-L6-v2) stays frozen, so every caption's embedding is computed once;
+the ViT image tower and its projection learn to map images next to their captions with the CLIP
+loss. Data: cmr-base (real clip art and product photos, disjoint from every cmr-mini task) plus
+procedurally generated scenes. Deterministic for a given seed and thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..backbones.embedded import VISION_CONFIG, VISION_WEIGHTS, MiniDualEncoder, minilm_text_model
+from ..data.dataset import ImageCaptionDataset, load_imagefolder
+from ..utils import atomic_write, seed_everything
+from .losses import clip_loss
+
+BASE_SOURCES = ("openclipart", "fashion-extra")
+
+
+@dataclass
+class PretrainConfig:
+    data_root: str
+    out: str = str(VISION_WEIGHTS)
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    synthetic_per_style: int = 1000
+    caption_tokens: int = 32  # longer captions are truncated when embedded (speed)
+    seed: int = 0
+    threads: int = 2
+    crop_pad: int = 8  # images are stored at size + pad and randomly cropped to size
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.seed)
+    started = time.time()
+    model = MiniDualEncoder(minilm_text_model(), VISION_CONFIG)
+    size = model.image_size
+    corpus = _pretraining_corpus(cfg)
+    pixels = _decode(corpus, size + cfg.crop_pad, model)
+    model.max_text_length = cfg.caption_tokens
+    text_emb, owner = _caption_embeddings(model, corpus)
+    prepared_s = time.time() - started
+
+    params = [p for n, p in model.named_parameters() if not n.startswith("text.")]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup_steps, cfg.steps))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    captions_of = _captions_by_image(owner, len(corpus))
+    model.vision.train()
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="pretrain", mininterval=5)
+    for step in bar:
+        idx = torch.randint(len(corpus), (cfg.batch_size,), generator=gen)
+        x = _random_crops(pixels[idx], size, gen).float()
+        pick = [captions_of[i][torch.randint(len(captions_of[i]), (1,), generator=gen)] for i in idx]
+        t = text_emb[torch.stack(pick).squeeze(1)]
+        z = F.normalize(model._image_features(x), dim=-1)
+        loss = clip_loss(z, t, model.logit_scale.exp().clamp(max=100))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+
+    state = {k: v.contiguous() for k, v in model.image_state_dict().items()}
+    out = Path(cfg.out)
+    atomic_write(out, lambda p: save_file(state, str(p)))
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    info = {
+        "vision_config": VISION_CONFIG,
+        "pretrain_config": asdict(cfg) | {"data_root": "<data-root>", "out": out.name},
+        "images": len(corpus),
+        "captions": len(owner),
+        "final_loss": float(np.mean(losses[-20:])),
+        "sha256": digest,
+        "prepare_s": round(prepared_s, 1),
+        "total_s": round(time.time() - started, 1),
+        "torch": torch.__version__,
+    }
+    atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(info, indent=2)))
+    return info
+
+
+def _pretraining_corpus(cfg: PretrainConfig) -> ImageCaptionDataset:
+    from ..data.synthetic import STYLES, generate
+
+    root = Path(cfg.data_root) / "cmr-base"
+    parts = [load_imagefolder(root / src / "train", name=src, verify=False) for src in BASE_SOURCES]
+    images, captions, labels = [], [], []
+    for part in parts:
+        images += part.images
+        captions += part.captions
+        labels += part.labels
+    for k, style in enumerate(STYLES):
+        for image, caps, label in generate(cfg.synthetic_per_style, style, cfg.seed + k, 80):
+            images.append(image)
+            captions.append(caps)
+            labels.append(label)
+    return ImageCaptionDataset("pretrain", images, captions, labels)
+
+
+def _decode(ds: ImageCaptionDataset, side: int, model: MiniDualEncoder) -> torch.Tensor:
+    """All images as one normalised tensor (N, 3, side, side): decoded once, cropped per step."""
+    from ..backbones.transforms import ImageTransform
+
+    to_tensor = ImageTransform(side, model.image_mean, model.image_std)
+    out = torch.empty(len(ds), 3, side, side, dtype=torch.float16)
+    for i in tqdm(range(len(ds)), desc="decode images", mininterval=5):
+        out[i] = to_tensor(ds.load_image(i)).half()
+    return out
+
+
+@torch.inference_mode()
+def _caption_embeddings(model: MiniDualEncoder, ds: ImageCaptionDataset, batch: int = 256):
+    texts = [c for caps in ds.captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(ds.captions) for _ in caps])
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
+    emb = torch.empty(len(texts), model.embed_dim)
+    model.text.eval()
+    for s in tqdm(range(0, len(order), batch), desc="embed captions", mininterval=5):
+        ids = order[s : s + batch]
+        emb[ids] = model.encode_text(model.tokenize([texts[i] for i in ids]))
+    return emb, owner
+
+
+def _captions_by_image(owner: torch.Tensor, n: int) -> list[torch.Tensor]:
+    counts = torch.bincount(owner, minlength=n).tolist()
+    return list(torch.arange(len(owner)).split(counts))
+
+
+def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    offsets = torch.randint(x.shape[-1] - size + 1, (len(x), 2), generator=gen).tolist()
+    return torch.stack([im[:, dy : dy + size, dx : dx + size] for im, (dx, dy) in zip(x, offsets)])
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
