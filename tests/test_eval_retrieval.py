@@ -63,8 +63,7 @@ def _close(a, b):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recall_matches_bruteforce(seed, chunk):
     img, txt, t2i = _random_task(seed)
-    _close(recall_at_k(img, txt, t2i, ks=KS, chunk_size=chunk),
-           _reference(img, txt, t2i.tolist()))
+    _close(recall_at_k(img, txt, t2i, ks=KS, chunk_size=chunk), _reference(img, txt, t2i.tolist()))
 
 
 def test_ties_go_to_lower_index():
@@ -86,8 +85,9 @@ def test_perfect_embeddings_give_100():
 @pytest.mark.parametrize("chunk", [3, 1024])
 def test_joint_recall_matches_bruteforce_on_concatenation(chunk):
     tasks = [_random_task(s, n=n) for s, n in [(10, 9), (11, 14), (12, 5)]]
-    res = joint_recall([t[0] for t in tasks], [t[1] for t in tasks], [t[2] for t in tasks],
-                       ks=KS, chunk_size=chunk)
+    res = joint_recall(
+        [t[0] for t in tasks], [t[1] for t in tasks], [t[2] for t in tasks], ks=KS, chunk_size=chunk
+    )
     img = torch.cat([t[0] for t in tasks])
     txt = torch.cat([t[1] for t in tasks])
     off = [0, 9, 23]
@@ -96,14 +96,18 @@ def test_joint_recall_matches_bruteforce_on_concatenation(chunk):
     q0 = 0
     for s, (im, tx, _) in enumerate(tasks):
         t_ranks = [_stable_rank(S[q], [t2i[q]]) for q in range(q0, q0 + len(tx))]
-        i_ranks = [_stable_rank([row[i] for row in S], [q for q in range(len(S)) if t2i[q] == i])
-                   for i in range(off[s], off[s] + len(im))]
+        i_ranks = [
+            _stable_rank([row[i] for row in S], [q for q in range(len(S)) if t2i[q] == i])
+            for i in range(off[s], off[s] + len(im))
+        ]
         q0 += len(tx)
         for k in KS:
             assert res[s]["t2i"][f"R@{k}"] == pytest.approx(
-                100 * sum(r < k for r in t_ranks) / len(t_ranks))
+                100 * sum(r < k for r in t_ranks) / len(t_ranks)
+            )
             assert res[s]["i2t"][f"R@{k}"] == pytest.approx(
-                100 * sum(r < k for r in i_ranks) / len(i_ranks))
+                100 * sum(r < k for r in i_ranks) / len(i_ranks)
+            )
     single = joint_recall([tasks[0][0]], [tasks[0][1]], [tasks[0][2]], ks=KS)[0]
     _close(single, recall_at_k(*tasks[0], ks=KS))
 
@@ -156,8 +160,11 @@ class FakeDataset:
 
 def test_embed_helpers_normalise_and_batch():
     enc = FakeEncoder()
-    ds = FakeDataset(["red", "green", "blue", "red", "green"], [None] * 5,
-                     captions=[["a cat"], ["a dog", "dog!"], ["car"], ["cat", "a cat", "x"], []])
+    ds = FakeDataset(
+        ["red", "green", "blue", "red", "green"],
+        [None] * 5,
+        captions=[["a cat"], ["a dog", "dog!"], ["car"], ["cat", "a cat", "x"], []],
+    )
     img = embed_images(enc, ds, batch_size=2, progress=False)
     assert enc.calls == [2, 2, 1] and enc.training
     assert img.shape == (5, 3) and img.dtype == torch.float32
@@ -174,8 +181,9 @@ def test_embed_helpers_normalise_and_batch():
 def test_zeroshot_classify_known_embeddings():
     enc = FakeEncoder()
     # classes sorted: car (blue), cat (red), dog (green); the last cat is green -> wrong
-    ds = FakeDataset(["red", "green", "blue", "red", "blue", "green"],
-                     ["cat", "dog", "car", None, "car", "cat"])
+    ds = FakeDataset(
+        ["red", "green", "blue", "red", "blue", "green"], ["cat", "dog", "car", None, "car", "cat"]
+    )
     # one-hot text axes: cat->0 (red), dog->1 (green), car->2 (blue)
     r = zeroshot_classify(enc, ds, batch_size=2, progress=False)
     assert r == {"top1": pytest.approx(80.0), "top5": pytest.approx(100.0)}

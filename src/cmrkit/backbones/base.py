@@ -56,8 +56,15 @@ class DualEncoder(nn.Module):
         )
         return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
 
-    def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
-        return ImageTransform(self.image_size, self.image_mean, self.image_std, train=train)
+    @property
+    def image_transform(self) -> Callable[[Image.Image], Tensor]:
+        """Evaluation transform: resize, centre crop, normalise."""
+        return ImageTransform(self.image_size, self.image_mean, self.image_std)
+
+    @property
+    def train_transform(self) -> ImageTransform:
+        """Training transform: random resized crop (drawn from the rng passed per call)."""
+        return ImageTransform(self.image_size, self.image_mean, self.image_std, train=True)
 
     @property
     def device(self) -> torch.device:

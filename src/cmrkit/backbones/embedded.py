@@ -159,6 +159,12 @@ def tiny_mini(seed: int = 0) -> MiniDualEncoder:
         ),
         add_pooling_layer=False,
     )
-    vision = dict(VISION_CONFIG, image_size=32, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=2)
+    vision = dict(
+        VISION_CONFIG,
+        image_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
     return MiniDualEncoder(text, vision).eval()

@@ -32,7 +32,9 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Tensor:
         image = image.convert("RGB")
-        image = self._random_crop(image, rng or self.rng) if self.train else self._center_crop(image)
+        image = (
+            self._random_crop(image, rng or self.rng) if self.train else self._center_crop(image)
+        )
         image = image.resize((self.size, self.size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         return (x.float() / 255.0 - self.mean) / self.std

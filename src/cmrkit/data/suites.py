@@ -118,14 +118,19 @@ class Suite:
         order = list(range(n))
         random.Random(self.split["seed"]).shuffle(order)
         test_size = min(int(self.split["test_size"]), n // 5)
-        split = {"n": n, "seed": self.split["seed"],
-                 "test": sorted(order[:test_size]), "train": sorted(order[test_size:])}
+        split = {
+            "n": n,
+            "seed": self.split["seed"],
+            "test": sorted(order[:test_size]),
+            "train": sorted(order[test_size:]),
+        }
         write_json(path, split)
         return split["train"], split["test"]
 
 
-def load_suite(name_or_path: str | Path, data_root: str | Path | None = None,
-               skip_bad: bool = False) -> Suite:
+def load_suite(
+    name_or_path: str | Path, data_root: str | Path | None = None, skip_bad: bool = False
+) -> Suite:
     """A suite by name (``configs/suites/NAME.yaml``) or by the path of a suite YAML."""
     path = Path(name_or_path)
     if not path.suffix:

@@ -73,11 +73,14 @@ METRICS = {
 }
 
 
-def summarize(recall_matrices: Mapping[str, Mapping[str, Matrix]],
-              ks: Sequence[str] = SUMMARY_KS) -> dict[str, dict[str, dict[str, float | None]]]:
+def summarize(
+    recall_matrices: Mapping[str, Mapping[str, Matrix]], ks: Sequence[str] = SUMMARY_KS
+) -> dict[str, dict[str, dict[str, float | None]]]:
     """``{"t2i": {"R@1": R, ...}, "i2t": ...}`` → ``{metric: {direction: {"R@1": x, ...}}}``."""
     return {
-        name: {d: {k: fn(mats[k]) if k in mats else None for k in ks}
-               for d, mats in recall_matrices.items()}
+        name: {
+            d: {k: fn(mats[k]) if k in mats else None for k in ks}
+            for d, mats in recall_matrices.items()
+        }
         for name, fn in METRICS.items()
     }

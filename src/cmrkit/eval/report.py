@@ -12,8 +12,10 @@ from typing import Any
 from cmrkit.eval.metrics import summarize
 
 DIRECTIONS = (("t2i", "Text → Image", "T→I"), ("i2t", "Image → Text", "I→T"))
-GALLERIES = (("recall", "metrics", "Per-task gallery"),
-             ("recall_joint", "metrics_joint", "Joint gallery (all seen tasks)"))
+GALLERIES = (
+    ("recall", "metrics", "Per-task gallery"),
+    ("recall_joint", "metrics_joint", "Joint gallery (all seen tasks)"),
+)
 DASH = "–"
 Cell = float | None
 
@@ -42,9 +44,12 @@ def _esc(s: Any) -> str:
     return str(s).replace("|", "\\|")
 
 
-def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[Cell]]],
-           better: Sequence[str | None], fmts: Sequence[Callable[[Cell], str]] | None = None,
-           ) -> list[str]:
+def _table(
+    header: Sequence[str],
+    rows: Sequence[tuple[str, Sequence[Cell]]],
+    better: Sequence[str | None],
+    fmts: Sequence[Callable[[Cell], str]] | None = None,
+) -> list[str]:
     """Markdown table; in each numeric column the best value(s) (``better``: max/min) are bold."""
     fmts = list(fmts) if fmts is not None else [_fmt] * len(header)
     text = [[f(v) for f, v in zip(fmts, vals, strict=True)] for _, vals in rows]
@@ -56,10 +61,13 @@ def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[Cell]]],
         for r in text:
             if r[c] == best:
                 r[c] = f"**{r[c]}**"
-    lines = ["| Method | " + " | ".join(header) + " |",
-             "|---|" + "|".join("---:" for _ in header) + "|"]
-    lines += [f"| {_esc(name)} | " + " | ".join(r) + " |"
-              for (name, _), r in zip(rows, text, strict=True)]
+    lines = [
+        "| Method | " + " | ".join(header) + " |",
+        "|---|" + "|".join("---:" for _ in header) + "|",
+    ]
+    lines += [
+        f"| {_esc(name)} | " + " | ".join(r) + " |" for (name, _), r in zip(rows, text, strict=True)
+    ]
     return lines + [""]
 
 
@@ -121,16 +129,24 @@ def _final_tables(methods: dict, tasks: list[str], gallery: str, title: str) -> 
                 row = [_cell(_mat(m, gallery, d, k), T - 1, s) for s in range(T)]
                 vals += [*row, _mean(row)]
             rows.append((name, vals))
-        out += [f"### {title} — Recall{k[1:]} after the last task", "",
-                "Text → Image (columns T→I) | Image → Text (columns I→T); "
-                "each column is a task's recall after training on all tasks.", ""]
+        out += [
+            f"### {title} — Recall{k[1:]} after the last task",
+            "",
+            "Text → Image (columns T→I) | Image → Text (columns I→T); "
+            "each column is a task's recall after training on all tasks.",
+            "",
+        ]
         out += _table(header, rows, ["max"] * len(header))
     return out
 
 
 def _continual_table(methods: dict, gallery: str, key: str) -> list[str]:
-    names = (("final_avg", "Final avg"), ("avg_incremental", "Avg incr."),
-             ("bwt", "BWT"), ("forgetting", "Forgetting"))
+    names = (
+        ("final_avg", "Final avg"),
+        ("avg_incremental", "Avg incr."),
+        ("bwt", "BWT"),
+        ("forgetting", "Forgetting"),
+    )
     header = [f"{label} {short}" for _, label in names for _, _, short in DIRECTIONS]
     header += ["Train time", "Total time"]
     better: list[str | None] = []
@@ -144,8 +160,10 @@ def _continual_table(methods: dict, gallery: str, key: str) -> list[str]:
         vals = [_get(met, metric, d, "R@1") for metric, _ in names for d, _, _ in DIRECTIONS]
         timings = m.get("timings", {}) or {}
         train = [_num(x) for x in timings.get("train_s", []) or []]
-        vals += [sum(x for x in train if x is not None) if train else None,
-                 _num(timings.get("total_s"))]
+        vals += [
+            sum(x for x in train if x is not None) if train else None,
+            _num(timings.get("total_s")),
+        ]
         rows.append((name, vals))
     return _table(header, rows, better, fmts)
 
@@ -168,8 +186,10 @@ def _zeroshot_section(methods: dict) -> list[str]:
             vals += [first, last, delta]
         rows.append((name, vals))
     fmts = [_fmt, _fmt, _fmt_signed] * len(probes)
-    return (["## Zero-shot classification (top-1 %, before training and after the last task)", ""]
-            + _table(header, rows, [None, "max", "max"] * len(probes), fmts))
+    return [
+        "## Zero-shot classification (top-1 %, before training and after the last task)",
+        "",
+    ] + _table(header, rows, [None, "max", "max"] * len(probes), fmts)
 
 
 def _probe_section(methods: dict) -> list[str]:
@@ -179,8 +199,11 @@ def _probe_section(methods: dict) -> list[str]:
     out = ["## Held-out retrieval probes (before training and after the last task)", ""]
     for p in probes:
         entries = {n: (m.get("probe_retrieval") or {}).get(p) or {} for n, m in methods.items()}
-        ks = [k for k in ("R@1", "R@5")
-              if any(k in (e.get(d) or {}) for e in entries.values() for d, _, _ in DIRECTIONS)]
+        ks = [
+            k
+            for k in ("R@1", "R@5")
+            if any(k in (e.get(d) or {}) for e in entries.values() for d, _, _ in DIRECTIONS)
+        ]
         cols = [(d, short, k) for d, _, short in DIRECTIONS for k in ks]
         header = [f"{short} {k} {c}" for _, short, k in cols for c in ("initial", "final", "Δ")]
         rows = []
@@ -195,8 +218,9 @@ def _probe_section(methods: dict) -> list[str]:
                 vals += [first, last, delta]
             rows.append((name, vals))
         out += [f"### {_esc(p)}", ""]
-        out += _table(header, rows, [None, "max", "max"] * len(cols),
-                      [_fmt, _fmt, _fmt_signed] * len(cols))
+        out += _table(
+            header, rows, [None, "max", "max"] * len(cols), [_fmt, _fmt, _fmt_signed] * len(cols)
+        )
     return out
 
 
@@ -235,8 +259,15 @@ def _plot_heatmap(name: str, R: list, tasks: list[str], path: Path) -> Path:
     for t in range(T):
         for s in range(T):
             if not math.isnan(a[t, s]):
-                ax.text(s, t, f"{a[t, s]:.1f}", ha="center", va="center", fontsize=8,
-                        color="white" if a[t, s] < 60 else "black")
+                ax.text(
+                    s,
+                    t,
+                    f"{a[t, s]:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if a[t, s] < 60 else "black",
+                )
     ax.set_xticks(range(T), tasks, rotation=45, ha="right")
     ax.set_yticks(range(T), tasks)
     ax.set_xlabel("evaluated task")
@@ -265,8 +296,9 @@ def _plot_over_time(methods: dict, tasks: list[str], path: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7,
-               title="task")
+    fig.legend(
+        *axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7, title="task"
+    )
     fig.suptitle("Recall of each task over time (x: after training on)")
     return _save(fig, path)
 
@@ -280,8 +312,9 @@ def _plot_average(methods: dict, tasks: list[str], path: Path) -> Path:
     for ax, (d, long, short) in zip(axes, DIRECTIONS, strict=True):
         for name, m in methods.items():
             a = _array(_mat(m, "recall", d, "R@1"), T)
-            ax.plot(range(T), [_nan(_mean(a[t][: t + 1])) for t in range(T)], marker="o",
-                    label=name)
+            ax.plot(
+                range(T), [_nan(_mean(a[t][: t + 1])) for t in range(T)], marker="o", label=name
+            )
         ax.set_title(f"{long}: mean R@1 over seen tasks")
         ax.set_xticks(range(T), tasks, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel(f"{short} R@1 (%)")
@@ -312,30 +345,51 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
 def render_markdown(results: dict, plots: Sequence[Path] = ()) -> str:
     tasks = [str(t) for t in results.get("tasks", [])]
     methods = results.get("methods", {}) or {}
-    lines = [f"# cmrkit benchmark report — {results.get('suite', '?')}", "",
-             "**Tasks (training order):** " + " → ".join(_esc(t) for t in tasks), "",
-             "**Methods:** " + ", ".join(_esc(m) for m in methods), "",
-             "**Config:** " + _kv_line(results.get("config")), "",
-             "**Environment:** " + _kv_line(results.get("environment")), ""]
+    lines = [
+        f"# cmrkit benchmark report — {results.get('suite', '?')}",
+        "",
+        "**Tasks (training order):** " + " → ".join(_esc(t) for t in tasks),
+        "",
+        "**Methods:** " + ", ".join(_esc(m) for m in methods),
+        "",
+        "**Config:** " + _kv_line(results.get("config")),
+        "",
+        "**Environment:** " + _kv_line(results.get("environment")),
+        "",
+    ]
     if results.get("config"):
-        lines += ["<details><summary>Full config</summary>", "", "```json",
-                  json.dumps(results["config"], indent=2, default=str), "```", "",
-                  "</details>", ""]
+        lines += [
+            "<details><summary>Full config</summary>",
+            "",
+            "```json",
+            json.dumps(results["config"], indent=2, default=str),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     lines += ["## Retrieval after the last task", ""]
     for gallery, _, title in GALLERIES:
         if any(m.get(gallery) for m in methods.values()):
             lines += _final_tables(methods, tasks, gallery, title)
-    lines += ["## Continual metrics (Recall@1)", "",
-              "Final avg = mean of the last row; Avg incr. = mean over steps of the mean over "
-              "seen tasks; BWT = mean(R[T][s] − R[s][s]); Forgetting = mean(max_{s≤t<T} "
-              "R[t][s] − R[T][s]) over s < T. Times are wall-clock.", ""]
+    lines += [
+        "## Continual metrics (Recall@1)",
+        "",
+        "Final avg = mean of the last row; Avg incr. = mean over steps of the mean over "
+        "seen tasks; BWT = mean(R[T][s] − R[s][s]); Forgetting = mean(max_{s≤t<T} "
+        "R[t][s] − R[T][s]) over s < T. Times are wall-clock.",
+        "",
+    ]
     for gallery, key, title in GALLERIES:
         if any(m.get(gallery) or m.get(key) for m in methods.values()):
             lines += [f"### {title}", ""] + _continual_table(methods, gallery, key)
     lines += _zeroshot_section(methods)
     lines += _probe_section(methods)
-    skipped = [f"{_esc(n)}: " + ", ".join(f"{_esc(k)} {v}" for k, v in m["skipped"].items())
-               for n, m in methods.items() if m.get("skipped")]
+    skipped = [
+        f"{_esc(n)}: " + ", ".join(f"{_esc(k)} {v}" for k, v in m["skipped"].items())
+        for n, m in methods.items()
+        if m.get("skipped")
+    ]
     if skipped:
         lines += ["## Skipped items", ""] + [f"- {s}" for s in skipped] + [""]
     if plots:

@@ -78,8 +78,13 @@ def _progress(total: int, desc: str, progress: bool | None) -> Any:
     from tqdm.auto import tqdm
 
     # disable=None lets tqdm switch itself off when the output is not a tty
-    return tqdm(total=total, desc=desc, unit="it", leave=False,
-                disable=None if progress is None else not progress)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="it",
+        leave=False,
+        disable=None if progress is None else not progress,
+    )
 
 
 def _finish(x: Tensor) -> Tensor:
@@ -87,17 +92,23 @@ def _finish(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def embed_images(encoder: Encoder, ds: CaptionDataset, batch_size: int = 256,
-                 indices: Sequence[int] | None = None,
-                 progress: bool | None = None) -> Tensor:
+def embed_images(
+    encoder: Encoder,
+    ds: CaptionDataset,
+    batch_size: int = 256,
+    indices: Sequence[int] | None = None,
+    progress: bool | None = None,
+) -> Tensor:
     """L2-normalised float32 CPU image embeddings [N,d] of ``ds`` (or of ``indices`` of it)."""
     idx = list(range(len(ds))) if indices is None else list(indices)
     device = _device_of(encoder)
     out: list[Tensor] = []
-    with _eval_mode(encoder), _progress(len(idx), f"images {getattr(ds, 'name', '')}",
-                                        progress) as bar:
+    with (
+        _eval_mode(encoder),
+        _progress(len(idx), f"images {getattr(ds, 'name', '')}", progress) as bar,
+    ):
         for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
+            chunk = idx[start : start + batch_size]
             pixels = torch.stack([encoder.image_transform(ds.load_image(i)) for i in chunk])
             out.append(_finish(encoder.encode_image(pixels.to(device))))
             bar.update(len(chunk))
@@ -107,14 +118,15 @@ def embed_images(encoder: Encoder, ds: CaptionDataset, batch_size: int = 256,
 
 
 @torch.no_grad()
-def embed_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256,
-                progress: bool | None = None) -> Tensor:
+def embed_texts(
+    encoder: Encoder, texts: Sequence[str], batch_size: int = 256, progress: bool | None = None
+) -> Tensor:
     """L2-normalised float32 CPU text embeddings [M,d]."""
     device = _device_of(encoder)
     out: list[Tensor] = []
     with _eval_mode(encoder), _progress(len(texts), "texts", progress) as bar:
         for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start:start + batch_size])
+            chunk = list(texts[start : start + batch_size])
             tokens = {k: v.to(device) for k, v in encoder.tokenize(chunk).items()}
             out.append(_finish(encoder.encode_text(tokens)))
             bar.update(len(chunk))
@@ -134,12 +146,16 @@ def flatten_captions(ds: CaptionDataset) -> tuple[list[str], Tensor]:
     return texts, torch.tensor(owner, dtype=torch.long)
 
 
-def embed_dataset(encoder: Encoder, ds: CaptionDataset, batch_size: int = 256,
-                  progress: bool | None = None) -> DatasetEmbeddings:
+def embed_dataset(
+    encoder: Encoder, ds: CaptionDataset, batch_size: int = 256, progress: bool | None = None
+) -> DatasetEmbeddings:
     """Embed all images and all captions of ``ds``."""
     texts, owner = flatten_captions(ds)
-    return DatasetEmbeddings(embed_images(encoder, ds, batch_size, progress=progress),
-                             embed_texts(encoder, texts, batch_size, progress=progress), owner)
+    return DatasetEmbeddings(
+        embed_images(encoder, ds, batch_size, progress=progress),
+        embed_texts(encoder, texts, batch_size, progress=progress),
+        owner,
+    )
 
 
 def _ranks_t2i(queries: Tensor, gallery: Tensor, positive: Tensor, chunk_size: int) -> Tensor:
@@ -147,29 +163,30 @@ def _ranks_t2i(queries: Tensor, gallery: Tensor, positive: Tensor, chunk_size: i
     ranks = torch.empty(len(queries), dtype=torch.long)
     cols = torch.arange(len(gallery), device=gallery.device)
     for a in range(0, len(queries), chunk_size):
-        s = queries[a:a + chunk_size] @ gallery.T
-        p = positive[a:a + chunk_size].to(s.device)
+        s = queries[a : a + chunk_size] @ gallery.T
+        p = positive[a : a + chunk_size].to(s.device)
         sp = s.gather(1, p[:, None])
         r = (s > sp).sum(1) + ((s == sp) & (cols[None] < p[:, None])).sum(1)
-        ranks[a:a + chunk_size] = r.cpu()
+        ranks[a : a + chunk_size] = r.cpu()
     return ranks
 
 
-def _ranks_i2t(queries: Tensor, query_ids: Tensor, gallery: Tensor, gallery_owner: Tensor,
-               chunk_size: int) -> Tensor:
+def _ranks_i2t(
+    queries: Tensor, query_ids: Tensor, gallery: Tensor, gallery_owner: Tensor, chunk_size: int
+) -> Tensor:
     """0-based rank of the best-ranked gallery item owned by each query (any of its captions)."""
     ranks = torch.empty(len(queries), dtype=torch.long)
     owner = gallery_owner.to(gallery.device)
     cols = torch.arange(len(gallery), device=gallery.device)
     big = torch.tensor(len(gallery), device=gallery.device)
     for a in range(0, len(queries), chunk_size):
-        s = queries[a:a + chunk_size] @ gallery.T
-        mine = owner[None] == query_ids[a:a + chunk_size].to(s.device)[:, None]
+        s = queries[a : a + chunk_size] @ gallery.T
+        mine = owner[None] == query_ids[a : a + chunk_size].to(s.device)[:, None]
         # best positive = highest score, lowest index on ties: it has the best stable rank
         sp = s.masked_fill(~mine, float("-inf")).amax(1, keepdim=True)
         p = torch.where(mine & (s == sp), cols[None], big).amin(1, keepdim=True)
         r = (s > sp).sum(1) + ((s == sp) & (cols[None] < p)).sum(1)
-        ranks[a:a + chunk_size] = r.cpu()
+        ranks[a : a + chunk_size] = r.cpu()
     return ranks
 
 
@@ -179,9 +196,13 @@ def _recall(ranks: Tensor, ks: Sequence[int]) -> dict[str, float]:
     return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
 
 
-def joint_recall(image_embs: Sequence[Tensor], text_embs: Sequence[Tensor],
-                 text_to_image: Sequence[Tensor], ks: Sequence[int] = (1, 5, 10),
-                 chunk_size: int = 1024) -> list[Recall]:
+def joint_recall(
+    image_embs: Sequence[Tensor],
+    text_embs: Sequence[Tensor],
+    text_to_image: Sequence[Tensor],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> list[Recall]:
     """Per-task recall against one joint gallery made of all the given tasks.
 
     Task ``s``'s captions query all images of all tasks (t2i); task ``s``'s images query all
@@ -196,8 +217,9 @@ def joint_recall(image_embs: Sequence[Tensor], text_embs: Sequence[Tensor],
         offsets.append(offsets[-1] + len(im))
     gal_img = torch.cat(list(image_embs))
     gal_txt = torch.cat(list(text_embs)).to(gal_img.device, gal_img.dtype)
-    owner = torch.cat([t2i.long().cpu() + off
-                       for t2i, off in zip(text_to_image, offsets[:-1], strict=True)])
+    owner = torch.cat(
+        [t2i.long().cpu() + off for t2i, off in zip(text_to_image, offsets[:-1], strict=True)]
+    )
     if len(owner) != len(gal_txt):
         raise ValueError("joint_recall: text_to_image and text_embs differ in length")
     results: list[Recall] = []
@@ -207,21 +229,32 @@ def joint_recall(image_embs: Sequence[Tensor], text_embs: Sequence[Tensor],
         has_caption = torch.zeros(len(im), dtype=torch.bool)
         has_caption[t2i.long().cpu()] = True
         ids = torch.nonzero(has_caption).squeeze(1)
-        i_ranks = _ranks_i2t(im.to(gal_img)[ids.to(gal_img.device)], ids + off, gal_txt, owner,
-                             chunk_size)
+        i_ranks = _ranks_i2t(
+            im.to(gal_img)[ids.to(gal_img.device)], ids + off, gal_txt, owner, chunk_size
+        )
         results.append({"t2i": _recall(t_ranks, ks), "i2t": _recall(i_ranks, ks)})
     return results
 
 
-def recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
-                ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> Recall:
+def recall_at_k(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> Recall:
     """Recall@K in percent, both directions, for one gallery (see module doc for semantics)."""
     return joint_recall([image_emb], [text_emb], [text_to_image], ks, chunk_size)[0]
 
 
-def evaluate_retrieval(encoder: Encoder, ds: CaptionDataset, batch_size: int = 256,
-                       ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024,
-                       progress: bool | None = None) -> tuple[Recall, DatasetEmbeddings]:
+def evaluate_retrieval(
+    encoder: Encoder,
+    ds: CaptionDataset,
+    batch_size: int = 256,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+    progress: bool | None = None,
+) -> tuple[Recall, DatasetEmbeddings]:
     """Embed ``ds`` and compute its Recall@K; the embeddings are returned for joint galleries."""
     emb = embed_dataset(encoder, ds, batch_size, progress)
     return recall_at_k(emb.images, emb.texts, emb.text_to_image, ks, chunk_size), emb

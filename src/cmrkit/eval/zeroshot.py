@@ -21,9 +21,12 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def class_embeddings(encoder: Encoder, classnames: Sequence[str],
-                     templates: Sequence[str] = DEFAULT_TEMPLATES,
-                     batch_size: int = 256) -> Tensor:
+def class_embeddings(
+    encoder: Encoder,
+    classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 256,
+) -> Tensor:
     """[C,d]: per class, the normalised mean of its normalised template embeddings."""
     names = [c.replace("_", " ") for c in classnames]
     texts = [t.format(c) for c in names for t in templates]
@@ -31,8 +34,13 @@ def class_embeddings(encoder: Encoder, classnames: Sequence[str],
     return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
 
 
-def zeroshot_classify(encoder: Encoder, ds: Any, templates: Sequence[str] = DEFAULT_TEMPLATES,
-                      batch_size: int = 256, progress: bool | None = None) -> dict[str, float]:
+def zeroshot_classify(
+    encoder: Encoder,
+    ds: Any,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) over the labelled images of ``ds``.
 
     Classes are the sorted unique non-None ``ds.labels``; images whose label is None are

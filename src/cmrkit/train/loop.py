@@ -58,7 +58,8 @@ class PairDataset(Dataset):
 
 def make_loader(ds: ImageCaptionDataset, backbone, cfg: TrainConfig, seed: int, train=True):
     """A loader of (pixels, tokens, captions); ``train`` uses augmentation and shuffling."""
-    pairs = PairDataset(ds, backbone.image_transform(train=train), seed)
+    transform = backbone.train_transform if train else backbone.image_transform
+    pairs = PairDataset(ds, transform, seed)
 
     def collate(batch):
         pixels = torch.stack([b[0] for b in batch])
@@ -66,8 +67,15 @@ def make_loader(ds: ImageCaptionDataset, backbone, cfg: TrainConfig, seed: int, 
         return pixels, backbone.tokenize(captions), captions
 
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(pairs, batch_size=cfg.batch_size, shuffle=train, drop_last=False,
-                      collate_fn=collate, generator=gen, num_workers=cfg.num_workers)
+    return DataLoader(
+        pairs,
+        batch_size=cfg.batch_size,
+        shuffle=train,
+        drop_last=False,
+        collate_fn=collate,
+        generator=gen,
+        num_workers=cfg.num_workers,
+    )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -103,8 +111,13 @@ def train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: in
     method.train_mode(True)
     step, micro, seen, losses = 0, 0, 0, []
     started = time.time()
-    bar = tqdm(total=total, desc=f"task {task_index} {ds.name}", disable=not cfg.progress,
-               mininterval=2, leave=False)
+    bar = tqdm(
+        total=total,
+        desc=f"task {task_index} {ds.name}",
+        disable=not cfg.progress,
+        mininterval=2,
+        leave=False,
+    )
     epoch = 0
     while step < total:
         loader.dataset.epoch = epoch
@@ -138,5 +151,9 @@ def train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: in
     bar.close()
     method.train_mode(False)
     seconds = time.time() - started
-    return {"steps": step, "seconds": seconds, "loss": float(np.mean(losses[-10:])),
-            "samples_per_s": seen / max(seconds, 1e-9)}
+    return {
+        "steps": step,
+        "seconds": seconds,
+        "loss": float(np.mean(losses[-10:])),
+        "samples_per_s": seen / max(seconds, 1e-9),
+    }

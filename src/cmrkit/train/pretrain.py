@@ -69,7 +69,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     for step in bar:
         idx = torch.randint(len(corpus), (cfg.batch_size,), generator=gen)
         x = _random_crops(pixels[idx], size, gen).float()
-        pick = [captions_of[i][torch.randint(len(captions_of[i]), (1,), generator=gen)] for i in idx]
+        pick = [
+            captions_of[i][torch.randint(len(captions_of[i]), (1,), generator=gen)] for i in idx
+        ]
         t = text_emb[torch.stack(pick).squeeze(1)]
         z = F.normalize(model._image_features(x), dim=-1)
         loss = clip_loss(z, t, model.logit_scale.exp().clamp(max=100))

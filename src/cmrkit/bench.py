@@ -1,0 +1,298 @@
+"""``cmrkit bench``: run continual methods over a suite and write results.json, report.md, plots.
+
+One run = one suite (ordered tasks) × several methods. For each method, after each task all
+seen tasks are evaluated (per-task gallery and one joint gallery), plus the suite's held-out
+probes. Progress is checkpointed after every task; ``resume`` continues a killed run and, since
+every task is seeded from (seed, task index), ends with the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .backbones import load_backbone
+from .data.dataset import ImageCaptionDataset
+from .data.suites import CONFIG_DIR, Suite, load_suite
+from .eval.metrics import summarize
+from .eval.report import write_report
+from .eval.retrieval import DatasetEmbeddings, evaluate_retrieval, joint_recall
+from .eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classify
+from .methods import TaskContext, build_method
+from .train.loop import TrainConfig, train_task
+from .utils import atomic_write, write_json
+
+KS = (1, 5, 10)
+DIRECTIONS = ("t2i", "i2t")
+
+
+@dataclass
+class BenchConfig:
+    suite: str
+    methods: list[str]
+    out: str
+    data_root: str | None = None
+    backbone: str = "cmrkit-mini"
+    order: str | None = None  # zs | reverse | given; None = the suite's own
+    holdout: list[str] = field(default_factory=list)
+    train_overrides: dict = field(default_factory=dict)  # beat configs/methods/NAME.yaml
+    method_options: dict[str, dict] = field(default_factory=dict)
+    eval_batch_size: int = 512
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    max_train_items: int | None = None  # cap per task (quick runs); a seeded subset
+    resume: bool = False
+    skip_bad: bool = False
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.suite: Suite = load_suite(cfg.suite, cfg.data_root, skip_bad=cfg.skip_bad)
+        self.suite.holdout(cfg.holdout)
+        self.tests = {t.name: self.suite.load(t.name, "test") for t in self.suite.tasks}
+        self.cls_probes = {
+            p.name: self.suite.load(p.name, "test") for p in self.suite.classification_probes
+        }
+        self.ret_probes = {
+            p.name: self.suite.load(p.name, "test") for p in self.suite.retrieval_probes
+        }
+        self.results = self._load_results() if cfg.resume else {}
+
+    # --- the run --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.time()
+        tasks = self._task_order()
+        self.results.update(
+            suite=self.suite.name,
+            tasks=tasks,
+            config=_jsonable(asdict(self.cfg)),
+            environment=_environment(self.cfg.device),
+        )
+        self.results.setdefault("methods", {})
+        self.results["initial"] = self.results.get("initial") or self._probe(self._fresh_backbone())
+        for name in self.cfg.methods:
+            self._run_method(name, tasks)
+        self.results["wall_s"] = self.results.get("wall_s", 0.0) + time.time() - started
+        self._save()
+        write_report(self.results, self.out)
+        return self.results
+
+    def _run_method(self, name: str, tasks: list[str]) -> None:
+        record = self.results["methods"].get(name)
+        if record and record.get("complete"):
+            return
+        train_cfg, options = method_config(
+            name, self.cfg.train_overrides, self.cfg.method_options.get(name)
+        )
+        method = build_method(name, self._fresh_backbone(), **options)
+        record = _empty_record(len(tasks), self.results["initial"])
+        record["config"] = {"train": asdict(train_cfg), "options": options}
+        start_task = self._restore(name, method, record) if self.cfg.resume else 0
+        seen: list[str] = tasks[:start_task]
+        for t in range(start_task, len(tasks)):
+            seen.append(tasks[t])
+            task = TaskContext(
+                t, tasks[t], self._train_set(tasks[t], train_cfg.seed), train_cfg, list(seen)
+            )
+            tic = time.time()
+            method.begin_task(task)
+            stats = train_task(method, task.train, train_cfg, t) if method.trains else {}
+            method.end_task(task)
+            record["timings"]["train_s"].append(time.time() - tic)
+            record["train_stats"].append({k: v for k, v in stats.items()})
+            tic = time.time()
+            self._evaluate(method.encoder(), seen, t, record)
+            record["timings"]["eval_s"].append(time.time() - tic)
+            self._checkpoint(name, method, record, t + 1)
+        record["metrics"] = summarize(record["recall"])
+        record["metrics_joint"] = summarize(record["recall_joint"])
+        timings = record["timings"]
+        timings["total_s"] = sum(timings["train_s"]) + sum(timings["eval_s"])
+        record["complete"] = True
+        self.results["methods"][name] = record
+        self._save()
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _evaluate(self, encoder, seen: list[str], t: int, record: dict) -> None:
+        embeddings: list[DatasetEmbeddings] = []
+        for s, task in enumerate(seen):
+            recall, emb = evaluate_retrieval(encoder, self.tests[task], self.cfg.eval_batch_size)
+            embeddings.append(emb)
+            _put(record["recall"], recall, t, s)
+        joint = joint_recall(
+            [e.images for e in embeddings],
+            [e.texts for e in embeddings],
+            [e.text_to_image for e in embeddings],
+            KS,
+        )
+        for s, recall in enumerate(joint):
+            _put(record["recall_joint"], recall, t, s)
+        for probe, values in self._probe(encoder).items():
+            for key, value in values.items():
+                record[probe][key]["values"].append(value)
+        _update_deltas(record)
+
+    def _probe(self, encoder) -> dict:
+        """Zero-shot classification and held-out retrieval: {kind: {probe: value}}."""
+        cls = {
+            name: zeroshot_classify(encoder, ds, self.cfg.templates, self.cfg.eval_batch_size)
+            for name, ds in self.cls_probes.items()
+        }
+        ret = {
+            name: evaluate_retrieval(encoder, ds, self.cfg.eval_batch_size)[0]
+            for name, ds in self.ret_probes.items()
+        }
+        return {"zeroshot_cls": cls, "probe_retrieval": ret}
+
+    # --- data and order -----------------------------------------------------------------------
+    def _train_set(self, task: str, seed: int) -> ImageCaptionDataset:
+        ds = self.suite.load(task, "train")
+        cap = self.cfg.max_train_items
+        if cap and len(ds) > cap:
+            gen = torch.Generator().manual_seed(seed)
+            keep = sorted(torch.randperm(len(ds), generator=gen).tolist()[:cap])
+            ds = ds.subset(keep)
+        self.results.setdefault("skipped", {})[task] = dict(ds.skipped)
+        return ds
+
+    def _task_order(self) -> list[str]:
+        order = self.cfg.order or self.suite.order
+        names = [t.name for t in self.suite.tasks]
+        if order == "given":
+            return names
+        if order not in ("zs", "reverse"):
+            raise ValueError(f"--order must be zs, reverse or given, not {order!r}")
+        if "zeroshot_order" not in self.results:
+            backbone = self._fresh_backbone()
+            scores = {}
+            for name in names:
+                recall, _ = evaluate_retrieval(backbone, self.tests[name], self.cfg.eval_batch_size)
+                scores[name] = 0.5 * (recall["t2i"]["R@1"] + recall["i2t"]["R@1"])
+            self.results["zeroshot_order"] = scores
+        scores = self.results["zeroshot_order"]
+        ranked = sorted(names, key=lambda n: -scores[n])  # curriculum: in-domain first
+        return ranked[::-1] if order == "reverse" else ranked
+
+    def _fresh_backbone(self):
+        return load_backbone(self.cfg.backbone).to(self.cfg.device)
+
+    # --- files --------------------------------------------------------------------------------
+    def _save(self) -> None:
+        write_json(self.out / "results.json", self.results)
+
+    def _load_results(self) -> dict:
+        path = self.out / "results.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _checkpoint(self, name: str, method, record: dict, done: int) -> None:
+        folder = self.out / "checkpoints" / name
+        weights = folder / f"state-after-{done}.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+        atomic_write(weights, lambda p: save_file(state, str(p)))
+        meta = {
+            "done": done,
+            "weights": weights.name,
+            "record": record,
+            "extra": method.extra_state(),
+        }
+        write_json(folder / "progress.json", meta)
+        for old in folder.glob("state-after-*.safetensors"):
+            if old != weights:
+                old.unlink()
+        self.results["methods"][name] = record
+        self._save()
+
+    def _restore(self, name: str, method, record: dict) -> int:
+        progress = self.out / "checkpoints" / name / "progress.json"
+        if not progress.exists():
+            return 0
+        meta = json.loads(progress.read_text())
+        method.load_extra_state(meta["extra"])
+        method.load_state_dict(load_file(progress.parent / meta["weights"]))
+        record.update(meta["record"])
+        return int(meta["done"])
+
+
+def method_config(
+    name: str, train_overrides: dict | None = None, options: dict | None = None
+) -> tuple[TrainConfig, dict]:
+    """Training settings and options of a method: ``configs/methods/NAME.yaml`` (the papers'
+    values), then the run's overrides on top."""
+    path = CONFIG_DIR / "methods" / f"{name}.yaml"
+    defaults = yaml.safe_load(path.read_text()) if path.exists() else {}
+    known = {f.name for f in fields(TrainConfig)}
+    train = {**(defaults.get("train") or {}), **(train_overrides or {})}
+    if unknown := set(train) - known:
+        raise ValueError(f"{path.name}: unknown training settings {sorted(unknown)}")
+    return TrainConfig(**train), {**(defaults.get("options") or {}), **(options or {})}
+
+
+def _empty_record(n_tasks: int, initial: dict) -> dict:
+    def matrix():
+        return {
+            d: {f"R@{k}": [[None] * n_tasks for _ in range(n_tasks)] for k in KS}
+            for d in DIRECTIONS
+        }
+
+    record = {
+        "recall": matrix(),
+        "recall_joint": matrix(),
+        "train_stats": [],
+        "timings": {"train_s": [], "eval_s": []},
+    }
+    record["zeroshot_cls"] = {p: {"values": [v]} for p, v in initial["zeroshot_cls"].items()}
+    record["probe_retrieval"] = {p: {"values": [v]} for p, v in initial["probe_retrieval"].items()}
+    return record
+
+
+def _put(matrices: dict, recall: dict, t: int, s: int) -> None:
+    for d in DIRECTIONS:
+        for k, v in recall[d].items():
+            matrices[d][k][t][s] = v
+
+
+def _update_deltas(record: dict) -> None:
+    for probe in record["zeroshot_cls"].values():
+        values = probe["values"]
+        probe["top1"] = [v["top1"] for v in values]
+        probe["delta"] = values[-1]["top1"] - values[0]["top1"]
+    for probe in record["probe_retrieval"].values():
+        values = probe["values"]
+        for d in DIRECTIONS:
+            probe[d] = {k: [v[d][k] for v in values] for k in values[0][d]}
+        probe["delta"] = {
+            d: {k: values[-1][d][k] - values[0][d][k] for k in values[0][d]} for d in DIRECTIONS
+        }
+
+
+def _environment(device: str) -> dict:
+    import cmrkit
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": device,
+        "cmrkit": cmrkit.__version__,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    return Bench(cfg).run()

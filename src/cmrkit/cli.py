@@ -1,0 +1,261 @@
+"""The ``cmrkit`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+QUICK = {"epochs": 1, "batch_size": 64, "warmup_epochs": 0}
+QUICK_TEMPLATES = ["a photo of a {}."]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cmrkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _bench_parser(sub)
+    _pretrain_parser(sub)
+    _eval_parser(sub)
+    _data_parser(sub)
+    for register in _extra_commands():
+        register(sub)
+    args = parser.parse_args(argv)
+    from .utils import quiet_transformers
+
+    quiet_transformers()
+    try:
+        return args.run(args) or 0
+    except (FileNotFoundError, ValueError) as e:
+        print(f"cmrkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _extra_commands():
+    """Sub-commands that live with their part of the package (adapters, index, serve)."""
+    registers = []
+    for module in ("cmrkit.adapters.cli", "cmrkit.index.cli", "cmrkit.serve.cli"):
+        try:
+            registers.append(__import__(module, fromlist=["register"]).register)
+        except ModuleNotFoundError:
+            continue
+    return registers
+
+
+def _common_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", default="cmr-mini", help="suite name or path of a suite YAML")
+    p.add_argument("--data-root", help="data root (default: $CMRKIT_DATA, else ../shared/data)")
+    p.add_argument(
+        "--backbone",
+        default="cmrkit-mini",
+        help="cmrkit-mini | hf:NAME_OR_PATH | open_clip:ARCH[:TAG] | tiny-*",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip missing/unreadable images and malformed rows (counts recorded)",
+    )
+    p.add_argument("--holdout", default="", help="comma-separated tasks to use as held-out probes")
+    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--device", default=None)
+
+
+# --- bench ------------------------------------------------------------------------------------
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run continual methods over a suite")
+    _common_data_args(p)
+    p.add_argument(
+        "--methods", default="zeroshot,finetune", help="comma-separated method names, or 'all'"
+    )
+    p.add_argument("--out", required=True, help="output folder (results.json, report.md, plots)")
+    p.add_argument(
+        "--order",
+        choices=["zs", "reverse", "given"],
+        default=None,
+        help="task order: zero-shot curriculum, its reverse, or as given in the suite",
+    )
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="quick settings: 1 epoch, batch 64, one prompt template",
+    )
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--max-steps", type=int, help="cap optimizer steps per task (smoke runs)")
+    p.add_argument("--max-train-items", type=int, help="cap training items per task")
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override a method option, e.g. dar.rank=8 (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from .bench import BenchConfig, run_bench
+    from .methods import METHODS, _load_all  # noqa: F401  (fills the registry)
+    from .train.loop import TrainConfig
+
+    methods = sorted(METHODS) if args.methods == "all" else _split(args.methods)
+    overrides = dict(QUICK) if args.quick else {}
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            overrides[f.name] = value
+    if args.no_progress:
+        overrides["progress"] = False
+    cfg = BenchConfig(
+        suite=args.suite,
+        methods=methods,
+        out=args.out,
+        data_root=args.data_root,
+        backbone=args.backbone,
+        order=args.order,
+        holdout=_split(args.holdout),
+        train_overrides=overrides,
+        method_options=_method_options(args.set),
+        eval_batch_size=args.eval_batch_size,
+        max_train_items=args.max_train_items,
+        resume=args.resume,
+        skip_bad=args.skip_bad,
+    )
+    if args.quick:
+        cfg.templates = list(QUICK_TEMPLATES)
+    if args.device:
+        cfg.device = args.device
+    results = run_bench(cfg)
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    for name, record in results["methods"].items():
+        final = record["metrics"]["final_avg"]
+        print(
+            f"{name:>16}: final avg R@1  T2I {final['t2i']['R@1']:.1f}  "
+            f"I2T {final['i2t']['R@1']:.1f}"
+        )
+    return 0
+
+
+def _method_options(pairs: list[str]) -> dict[str, dict]:
+    import yaml
+
+    options: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {pair!r}: expected METHOD.KEY=VALUE")
+        options.setdefault(method, {})[option] = yaml.safe_load(value)
+    return options
+
+
+# --- pretrain ---------------------------------------------------------------------------------
+def _pretrain_parser(sub) -> None:
+    from .train.pretrain import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="pretrain the image tower of the embedded backbone")
+    p.add_argument("--data-root", help="folder holding cmr-base (default: $CMRKIT_DATA)")
+    defaults = PretrainConfig(data_root="")
+    for f in fields(PretrainConfig):
+        if f.name != "data_root":
+            p.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                type=type(getattr(defaults, f.name)),
+                default=getattr(defaults, f.name),
+            )
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    from .data.suites import default_data_root
+    from .train.pretrain import PretrainConfig, pretrain
+
+    root = args.data_root or default_data_root()
+    if root is None:
+        raise ValueError("no data root: pass --data-root or set CMRKIT_DATA")
+    values = {
+        f.name: getattr(args, f.name) for f in fields(PretrainConfig) if f.name != "data_root"
+    }
+    info = pretrain(PretrainConfig(data_root=str(root), **values))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+# --- eval -------------------------------------------------------------------------------------
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="zero-shot evaluation of a backbone on a suite")
+    _common_data_args(p)
+    p.add_argument("--out", help="write the numbers as JSON here")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .backbones import load_backbone
+    from .data.suites import load_suite
+    from .eval.retrieval import evaluate_retrieval
+    from .eval.zeroshot import zeroshot_classify
+    from .utils import write_json
+
+    suite = load_suite(args.suite, args.data_root, skip_bad=args.skip_bad)
+    suite.holdout(_split(args.holdout))
+    backbone = load_backbone(args.backbone)
+    if args.device:
+        backbone.to(args.device)
+    out = {"backbone": args.backbone, "suite": suite.name, "retrieval": {}, "classification": {}}
+    print(
+        f"{'task':<12}{'gallery':>8}{'chance':>8}{'T2I R@1':>9}{'R@5':>7}{'I2T R@1':>9}{'R@5':>7}"
+    )
+    for task in suite.tasks + suite.retrieval_probes:
+        ds = suite.load(task.name, "test")
+        recall, _ = evaluate_retrieval(backbone, ds, args.eval_batch_size)
+        chance = 100.0 / len(ds)
+        out["retrieval"][task.name] = {**recall, "gallery": len(ds), "chance_R@1": chance}
+        t2i, i2t = recall["t2i"], recall["i2t"]
+        print(
+            f"{task.name:<12}{len(ds):>8}{chance:>8.2f}{t2i['R@1']:>9.1f}{t2i['R@5']:>7.1f}"
+            f"{i2t['R@1']:>9.1f}{i2t['R@5']:>7.1f}"
+        )
+    for probe in suite.classification_probes:
+        ds = suite.load(probe.name, "test")
+        acc = zeroshot_classify(backbone, ds, batch_size=args.eval_batch_size)
+        classes = len({label for label in ds.labels if label is not None})
+        out["classification"][probe.name] = {**acc, "classes": classes}
+        print(
+            f"{probe.name}: zero-shot top-1 {acc['top1']:.1f} / top-5 {acc['top5']:.1f} "
+            f"({classes} classes, chance {100 / classes:.2f})"
+        )
+    if args.out:
+        write_json(args.out, out)
+    return 0
+
+
+# --- data check -------------------------------------------------------------------------------
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="data utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="counts, missing files and manifest hashes")
+    check.add_argument("path", help="an imagefolder split, or a folder of them with manifest.json")
+    check.add_argument("--skip-bad", action="store_true", help="report bad rows instead of failing")
+    check.set_defaults(run=_run_data_check)
+
+
+def _run_data_check(args) -> int:
+    from .data.check import check_path
+
+    report = check_path(Path(args.path), skip_bad=args.skip_bad)
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
