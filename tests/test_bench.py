@@ -1,0 +1,93 @@
+import json
+import textwrap
+
+import pytest
+
+import cmrkit.bench as bench_module
+from cmrkit.bench import BenchConfig, run_bench
+from cmrkit.cli import main
+
+SUITE = textwrap.dedent("""
+    name: tiny
+    order: given
+    tasks:
+      - {name: flat, train: {synthetic: {style: flat, n: 24, seed: 1}},
+         test: {synthetic: {style: flat, n: 16, seed: 11}}}
+      - {name: pixel, train: {synthetic: {style: pixel, n: 24, seed: 2}},
+         test: {synthetic: {style: pixel, n: 16, seed: 12}}}
+    probes:
+      classification:
+        - {name: shapes, test: {synthetic: {style: flat, n: 16, seed: 21}}}
+      retrieval:
+        - {name: dark, test: {synthetic: {style: dark, n: 12, seed: 22}}}
+""")
+TRAIN = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0, "progress": False}
+
+
+@pytest.fixture
+def suite_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(SUITE)
+    return path
+
+
+def _config(suite_yaml, out, **kw):
+    return BenchConfig(suite=str(suite_yaml), methods=["zeroshot", "finetune"], out=str(out),
+                       backbone="tiny-mini", train_overrides=dict(TRAIN),
+                       templates=["a photo of a {}."], **kw)
+
+
+def test_results_schema_and_report(suite_yaml, tmp_path):
+    results = run_bench(_config(suite_yaml, tmp_path / "run"))
+    assert results["tasks"] == ["flat", "pixel"]
+    for record in results["methods"].values():
+        m = record["recall"]["t2i"]["R@1"]
+        assert len(m) == 2 and m[0][1] is None and m[1][0] is not None
+        assert set(record["recall"]) == {"t2i", "i2t"}
+        assert set(record["recall"]["i2t"]) == {"R@1", "R@5", "R@10"}
+        assert set(record["metrics"]) >= {"final_avg", "avg_incremental", "bwt", "forgetting"}
+        assert set(record["metrics"]["final_avg"]["t2i"]) == {"R@1", "R@5"}
+        assert record["recall_joint"]["t2i"]["R@1"][1][1] is not None
+        assert len(record["zeroshot_cls"]["shapes"]["top1"]) == 3  # initial + after each task
+        assert len(record["probe_retrieval"]["dark"]["t2i"]["R@1"]) == 3
+        assert len(record["timings"]["train_s"]) == 2
+    zs = results["methods"]["zeroshot"]
+    # zero-shot never changes: its matrix rows agree and backward transfer is exactly zero
+    assert zs["recall"]["t2i"]["R@1"][0][0] == zs["recall"]["t2i"]["R@1"][1][0]
+    assert zs["metrics"]["bwt"]["t2i"]["R@1"] == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "zeroshot" in report and "finetune" in report
+    assert (tmp_path / "run" / "recall_over_time.png").stat().st_size > 0
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["methods"]["finetune"]["metrics"] == results["methods"]["finetune"]["metrics"]
+
+
+def test_resume_after_a_crash_mid_task_gives_identical_metrics(suite_yaml, tmp_path, monkeypatch):
+    reference = run_bench(_config(suite_yaml, tmp_path / "ref"))
+
+    real_train = bench_module.train_task
+
+    def crash_in_second_task(method, ds, cfg, task_index):
+        if task_index == 1:
+            raise KeyboardInterrupt("killed")
+        return real_train(method, ds, cfg, task_index)
+
+    monkeypatch.setattr(bench_module, "train_task", crash_in_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(_config(suite_yaml, tmp_path / "crashed"))
+    progress = json.loads((tmp_path / "crashed/checkpoints/zeroshot/progress.json").read_text())
+    assert progress["done"] == 2  # zeroshot never trains, so it finished
+    assert (tmp_path / "crashed/checkpoints/finetune/progress.json").exists()
+
+    monkeypatch.setattr(bench_module, "train_task", real_train)
+    resumed = run_bench(_config(suite_yaml, tmp_path / "crashed", resume=True))
+    for name in ("zeroshot", "finetune"):
+        assert resumed["methods"][name]["recall"] == reference["methods"][name]["recall"]
+        assert resumed["methods"][name]["metrics"] == reference["methods"][name]["metrics"]
+
+
+def test_cli_reports_bad_arguments(tmp_path, capsys):
+    code = main(["bench", "--suite", "nope", "--out", str(tmp_path), "--backbone", "tiny-mini"])
+    assert code == 2 and "no suite 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--out", str(tmp_path), "--order", "sideways"])
