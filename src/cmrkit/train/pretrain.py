@@ -39,6 +39,7 @@ class PretrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 30
     synthetic_per_style: int = 1000
+    base_items_per_source: int | None = None  # None = all of cmr-base (a cap is for tests)
     caption_tokens: int = 32  # longer captions are truncated when embedded (speed)
     seed: int = 0
     threads: int = 2
@@ -46,8 +47,18 @@ class PretrainConfig:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
+    """Build the image tower; bit-for-bit reproducible for the same config and thread count."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _pretrain(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _pretrain(cfg: PretrainConfig) -> dict:
     seed_everything(cfg.seed)
     started = time.time()
     model = MiniDualEncoder(minilm_text_model(), VISION_CONFIG)
@@ -107,6 +118,8 @@ def _pretraining_corpus(cfg: PretrainConfig) -> ImageCaptionDataset:
 
     root = Path(cfg.data_root) / "cmr-base"
     parts = [load_imagefolder(root / src / "train", name=src, verify=False) for src in BASE_SOURCES]
+    if cap := cfg.base_items_per_source:
+        parts = [part.subset(list(range(min(cap, len(part))))) for part in parts]
     images, captions, labels = [], [], []
     for part in parts:
         images += part.images

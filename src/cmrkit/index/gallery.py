@@ -1,0 +1,610 @@
+"""A FAISS gallery index that remembers how every item was routed.
+
+Per item the index keeps its id, source path, caption(s), the frozen-backbone feature that
+routing reads, the route (adapter indices + weights, -1 = bare backbone) and the routed
+embedding that search uses. Because the routing features are stored, adding an adapter never
+needs a backbone pass: routes are recomputed from the stored features and only the items whose
+route changed (or whose adapters' weights changed) are loaded again and re-embedded, with one
+routed pass. A new item costs one backbone pass (its routing feature) and one routed pass.
+
+On disk an index is a folder holding immutable versions and a ``CURRENT`` pointer::
+
+    INDEX_DIR/CURRENT                  name of the live version (replaced atomically)
+    INDEX_DIR/v000003-1a2b3c/index.json          ids, paths, captions, fingerprint, meta
+    INDEX_DIR/v000003-1a2b3c/arrays.safetensors  keys, routes, features, embeddings
+
+``save`` writes a complete new version beside the old one, fsyncs it, then swaps the pointer
+with ``os.replace``; a crash at any step leaves ``CURRENT`` naming the previous, intact version.
+No pickles: JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+from torch import Tensor, nn
+
+FORMAT = "cmrkit-gallery-index/1"
+POINTER = "CURRENT"
+ROUTE_ATOL = 1e-6  # weights closer than this count as the same route (float noise of re-routing)
+
+
+class RouteLike(Protocol):
+    indices: Tensor  # (B, k) long, -1 = no adapter
+    weights: Tensor  # (B, k)
+
+
+class RoutedEncoder(Protocol):
+    """What the index needs from DAR's encoder (``cmrkit.methods.dar``)."""
+
+    adapter_names: Sequence[str]
+    image_transform: Callable[[Image.Image], Tensor]
+
+    def backbone_image_features(self, pixels: Tensor) -> Tensor: ...
+    def route(self, features: Tensor, modality: str) -> RouteLike: ...
+    def encode_image_routed(self, pixels: Tensor, route: RouteLike) -> Tensor: ...
+    def encode_text(self, tokens: dict[str, Tensor]) -> Tensor: ...
+
+
+# --- adapter-bank fingerprint -----------------------------------------------------------------
+def find_bank(encoder: Any):
+    """The LoRABank behind an encoder: ``encoder.bank``, an attribute, or rebuilt from a module."""
+    from cmrkit.adapters import LoRABank, LoRABankLinear
+
+    bank = getattr(encoder, "bank", None)
+    if isinstance(bank, LoRABank):
+        return bank
+    candidates = [encoder, *vars(encoder).values()] if hasattr(encoder, "__dict__") else [encoder]
+    for value in candidates:
+        if isinstance(value, LoRABank):
+            return value
+    for value in candidates:
+        if isinstance(value, nn.Module) and any(
+            isinstance(m, LoRABankLinear) for m in value.modules()
+        ):
+            return LoRABank.from_model(value)
+    return None
+
+
+def bank_fingerprint(encoder: Any) -> dict:
+    """Number of adapters, one hash per adapter (its A/B tensors and scale) and an overall hash.
+
+    Per-adapter hashes let ``update`` tell "an adapter was added" (old hashes are a prefix) from
+    "an adapter changed" (items routed through it must be re-embedded too).
+    """
+    bank = find_bank(encoder)
+    names = list(getattr(encoder, "adapter_names", []) or [])
+    hashes: list[str] = []
+    if bank is not None:
+        for idx in range(bank.num_adapters):
+            h = hashlib.sha256(json.dumps(bank.adapter_config(idx), sort_keys=True).encode())
+            for key, value in sorted(bank.adapter_state_dict(idx).items()):
+                h.update(key.encode())
+                h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+            hashes.append(h.hexdigest()[:16])
+    else:  # no bank to read: trust the names only (every change is then an add or a rename)
+        hashes = [hashlib.sha256(n.encode()).hexdigest()[:16] for n in names]
+    names = names or [f"adapter{i}" for i in range(len(hashes))]
+    overall = hashlib.sha256("|".join(hashes).encode()).hexdigest()[:16]
+    return {"num_adapters": len(hashes), "hash": overall, "adapters": hashes, "names": names}
+
+
+# --- routes -----------------------------------------------------------------------------------
+def canonical_route(indices: Tensor | np.ndarray, weights: Tensor | np.ndarray, width: int = 0):
+    """Rows sorted by adapter index, -1 padding (weight 0) last, padded to ``width`` columns."""
+    idx = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(len(indices), -1)
+    w = np.asarray(torch.as_tensor(weights).float().cpu(), dtype=np.float32).reshape(idx.shape)
+    w = np.where(idx >= 0, w, 0.0).astype(np.float32)
+    key = np.where(idx >= 0, idx, np.iinfo(np.int64).max)
+    order = np.argsort(key, axis=1, kind="stable")
+    idx, w = np.take_along_axis(idx, order, 1), np.take_along_axis(w, order, 1)
+    if width > idx.shape[1]:
+        pad = width - idx.shape[1]
+        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+        w = np.pad(w, ((0, 0), (0, pad)))
+    return idx, w
+
+
+def _subset_route(route: RouteLike, rows: Tensor) -> RouteLike:
+    """The same route type restricted to ``rows`` (every per-sample tensor field is indexed)."""
+    batch = route.indices.shape[0]
+
+    def pick(v: Any) -> Any:
+        return v.index_select(0, rows.to(v.device)) if _per_sample(v, batch) else v
+
+    if dataclasses.is_dataclass(route):
+        return dataclasses.replace(
+            route, **{f.name: pick(getattr(route, f.name)) for f in dataclasses.fields(route)}
+        )
+    return type(route)(indices=pick(route.indices), weights=pick(route.weights))
+
+
+def _per_sample(v: Any, batch: int) -> bool:
+    return isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch
+
+
+def _concat_routes(routes: Sequence[RouteLike]) -> RouteLike | None:
+    """One route from per-chunk routes (per-sample tensor fields concatenated)."""
+    if len(routes) <= 1:
+        return routes[0] if routes else None
+    first = routes[0]
+    batch = first.indices.shape[0]
+
+    def cat(name: str) -> Any:
+        value = getattr(first, name)
+        if _per_sample(value, batch):
+            return torch.cat([getattr(r, name) for r in routes])
+        return value
+
+    if dataclasses.is_dataclass(first):
+        return dataclasses.replace(
+            first, **{f.name: cat(f.name) for f in dataclasses.fields(first)}
+        )
+    return type(first)(indices=cat("indices"), weights=cat("weights"))
+
+
+# --- the index --------------------------------------------------------------------------------
+@dataclass
+class UpdateStats:
+    total: int
+    reembedded: int
+    route_changed: int
+    adapters_changed: list[int]
+    route_seconds: float
+    embed_seconds: float
+
+    @property
+    def share(self) -> float:
+        return self.reembedded / max(self.total, 1)
+
+
+def _gpu_resources():
+    """FAISS GPU resources when this faiss build and machine have a GPU, else None."""
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.StandardGpuResources()
+    return None
+
+
+class GalleryIndex:
+    """Inner-product (cosine) index over normalised routed embeddings, with routing metadata."""
+
+    def __init__(self, dim: int, feature_dim: int | None = None, use_gpu: bool | None = None):
+        self.dim = int(dim)
+        self.feature_dim = int(feature_dim or dim)
+        self.ids: list[str] = []
+        self.paths: list[str | None] = []
+        self.captions: list[list[str]] = []
+        self.keys = np.zeros(0, dtype=np.int64)  # FAISS ids, one per row
+        self.route_indices = np.zeros((0, 0), dtype=np.int64)
+        self.route_weights = np.zeros((0, 0), dtype=np.float32)
+        self.features = np.zeros((0, self.feature_dim), dtype=np.float32)
+        self.embeddings = np.zeros((0, self.dim), dtype=np.float32)
+        self.fingerprint: dict = {"num_adapters": 0, "hash": "", "adapters": [], "names": []}
+        self.meta: dict = {}
+        self._next_key = 0
+        self._row_of: dict[str, int] = {}
+        self._key_row: dict[int, int] = {}
+        self._cpu = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self._gpu_res = _gpu_resources() if use_gpu in (None, True) else None
+        if use_gpu and self._gpu_res is None:
+            raise RuntimeError("use_gpu=True but this faiss build or machine has no GPU")
+        self._gpu_index = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._row_of
+
+    def row(self, item_id: str) -> int:
+        try:
+            return self._row_of[item_id]
+        except KeyError:
+            raise KeyError(f"no item {item_id!r} in the index") from None
+
+    # --- writes ---------------------------------------------------------------------------
+    def add(
+        self,
+        ids: Sequence[str],
+        embeddings: Tensor | np.ndarray,
+        features: Tensor | np.ndarray,
+        route_indices: Tensor | np.ndarray,
+        route_weights: Tensor | np.ndarray,
+        paths: Sequence[str | Path | None] | None = None,
+        captions: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        """Append items (embeddings are L2-normalised here, so scores are cosines)."""
+        ids = [str(i) for i in ids]
+        n = len(ids)
+        dupes = [i for i in ids if i in self._row_of] + _repeated(ids)
+        if dupes:
+            raise ValueError(f"ids already in the index or repeated: {sorted(set(dupes))[:5]}")
+        emb = _normalised(embeddings, self.dim, "embeddings")
+        feat = _as_f32(features, self.feature_dim, "features")
+        width = max(self.route_indices.shape[1], np.asarray(route_indices).reshape(n, -1).shape[1])
+        idx, w = canonical_route(route_indices, route_weights, width)
+        self._widen(width)
+        if not (len(emb) == len(feat) == len(idx) == n):
+            raise ValueError("ids, embeddings, features and routes differ in length")
+        keys = np.arange(self._next_key, self._next_key + n, dtype=np.int64)
+        self._next_key += n
+        start = len(self.ids)
+        self.ids += ids
+        self.paths += [None if p is None else str(p) for p in (paths or [None] * n)]
+        self.captions += [list(c) for c in (captions or [[]] * n)]
+        self.keys = np.concatenate([self.keys, keys])
+        self.route_indices = np.concatenate([self.route_indices, idx])
+        self.route_weights = np.concatenate([self.route_weights, w])
+        self.features = np.concatenate([self.features, feat])
+        self.embeddings = np.concatenate([self.embeddings, emb])
+        self._cpu.add_with_ids(emb, keys)
+        for j, (item_id, key) in enumerate(zip(ids, keys.tolist())):
+            self._row_of[item_id] = start + j
+            self._key_row[key] = start + j
+        self._gpu_index = None
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Remove items by id; return how many were removed (unknown ids raise KeyError)."""
+        rows = np.array(sorted({self.row(str(i)) for i in ids}), dtype=np.int64)
+        if not len(rows):
+            return 0
+        self._cpu.remove_ids(self.keys[rows])
+        keep = np.ones(len(self.ids), dtype=bool)
+        keep[rows] = False
+        self.ids = [v for v, k in zip(self.ids, keep) if k]
+        self.paths = [v for v, k in zip(self.paths, keep) if k]
+        self.captions = [v for v, k in zip(self.captions, keep) if k]
+        for name in ("keys", "route_indices", "route_weights", "features", "embeddings"):
+            setattr(self, name, getattr(self, name)[keep])
+        self._reindex()
+        return len(rows)
+
+    def replace_embeddings(
+        self, rows: np.ndarray, embeddings: Tensor | np.ndarray, idx: np.ndarray, w: np.ndarray
+    ) -> None:
+        """New routes and routed embeddings for existing rows (keys stay the same)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        emb = _normalised(embeddings, self.dim, "embeddings")
+        idx, w = canonical_route(idx, w, self.route_indices.shape[1])
+        self._widen(idx.shape[1])
+        self.route_indices[rows], self.route_weights[rows] = idx, w
+        self.embeddings[rows] = emb
+        self._cpu.remove_ids(self.keys[rows])
+        self._cpu.add_with_ids(emb, self.keys[rows])
+        self._gpu_index = None
+
+    def _widen(self, width: int) -> None:
+        pad = width - self.route_indices.shape[1]
+        if pad > 0:
+            self.route_indices = np.pad(self.route_indices, ((0, 0), (0, pad)), constant_values=-1)
+            self.route_weights = np.pad(self.route_weights, ((0, 0), (0, pad)))
+
+    def _reindex(self) -> None:
+        self._row_of = {item_id: r for r, item_id in enumerate(self.ids)}
+        self._key_row = {int(k): r for r, k in enumerate(self.keys)}
+        self._gpu_index = None
+
+    # --- reads ----------------------------------------------------------------------------
+    def _search_index(self):
+        if self._gpu_res is None:
+            return self._cpu
+        if self._gpu_index is None:  # rebuilt lazily: GPU flat indexes cannot remove ids
+            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._cpu)
+        return self._gpu_index
+
+    def search(self, query: Tensor | np.ndarray, k: int = 10) -> tuple[list[list[str]], np.ndarray]:
+        """Top-``k`` ids and cosine scores per query row (a 1-D query is one row)."""
+        q = _normalised(np.atleast_2d(np.asarray(torch.as_tensor(query).float().cpu())), self.dim)
+        k = min(int(k), len(self))
+        if k <= 0:
+            return [[] for _ in range(len(q))], np.zeros((len(q), 0), dtype=np.float32)
+        scores, keys = self._search_index().search(q, k)
+        ids = [[self.ids[self._key_row[int(key)]] for key in row if key >= 0] for row in keys]
+        return ids, scores
+
+    def embedding(self, item_id: str) -> np.ndarray:
+        """The stored routed embedding of an item, as FAISS holds it."""
+        return self._cpu.reconstruct(int(self.keys[self.row(item_id)]))
+
+    def adapter_names_of(self, item_id: str) -> list[tuple[str, float]]:
+        """(adapter name, weight) pairs an item was routed to; empty = bare backbone."""
+        r = self.row(item_id)
+        names = self.fingerprint.get("names") or []
+        return [
+            (names[i] if i < len(names) else f"adapter{i}", float(w))
+            for i, w in zip(self.route_indices[r].tolist(), self.route_weights[r].tolist())
+            if i >= 0
+        ]
+
+    def info(self) -> dict:
+        counts: dict[str, int] = {}
+        for item_id in self.ids:
+            label = "+".join(n for n, _ in self.adapter_names_of(item_id)) or "(bare backbone)"
+            counts[label] = counts.get(label, 0) + 1
+        return {
+            "items": len(self),
+            "dim": self.dim,
+            "feature_dim": self.feature_dim,
+            "route_width": int(self.route_indices.shape[1]),
+            "faiss": type(self._search_index()).__name__,
+            "fingerprint": {k: self.fingerprint[k] for k in ("num_adapters", "hash", "names")},
+            "routes": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+            "meta": self.meta,
+        }
+
+    # --- encoding with a routed encoder ---------------------------------------------------
+    @torch.no_grad()
+    def add_images(
+        self,
+        encoder: RoutedEncoder,
+        ids: Sequence[str],
+        load_image: Callable[[int], Image.Image],
+        paths: Sequence[str | Path | None] | None = None,
+        captions: Sequence[Sequence[str]] | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        """Embed and add items: one backbone pass (routing feature) + one routed pass each."""
+        if not len(self):
+            self.fingerprint = bank_fingerprint(encoder)
+        elif bank_fingerprint(encoder)["hash"] != self.fingerprint["hash"]:
+            raise ValueError(
+                "the encoder's adapter bank differs from the index's: run update first"
+            )
+        transform = _image_transform(encoder)
+        device = _device_of(encoder)
+        for start in range(0, len(ids), batch_size):
+            rows = range(start, min(start + batch_size, len(ids)))
+            pixels = torch.stack([transform(load_image(i)) for i in rows]).to(device)
+            feats = encoder.backbone_image_features(pixels)
+            route = encoder.route(feats, "image")
+            emb = encoder.encode_image_routed(pixels, route)
+            self.add(
+                [ids[i] for i in rows],
+                emb,
+                feats,
+                route.indices,
+                route.weights,
+                None if paths is None else [paths[i] for i in rows],
+                None if captions is None else [captions[i] for i in rows],
+            )
+
+    def add_dataset(self, encoder: RoutedEncoder, dataset, batch_size: int = 64) -> None:
+        """Add every item of an :class:`~cmrkit.data.dataset.ImageCaptionDataset`."""
+        paths = [p if isinstance(p, (str, Path)) else None for p in dataset.images]
+        self.add_images(
+            encoder, dataset.ids, dataset.load_image, paths, dataset.captions, batch_size
+        )
+
+    @torch.no_grad()
+    def update(
+        self,
+        encoder: RoutedEncoder,
+        load_image: Callable[[int], Image.Image] | None = None,
+        batch_size: int = 64,
+    ) -> UpdateStats:
+        """Bring the index up to the encoder's adapter bank, re-embedding only what changed.
+
+        Routes are recomputed from the stored backbone features (no backbone pass). An item is
+        re-embedded (its image loaded again, one routed pass) when its route changed or when an
+        adapter it was or is routed to has different weights than the index was built with.
+        ``load_image(row)`` defaults to opening the stored source path.
+        """
+        t0 = time.perf_counter()
+        fp = bank_fingerprint(encoder)
+        old, new = self.fingerprint.get("adapters", []), fp["adapters"]
+        changed = [i for i, h in enumerate(old) if i >= len(new) or new[i] != h]
+        device = _device_of(encoder)
+        route = _concat_routes(
+            [
+                encoder.route(torch.from_numpy(self.features[s : s + 4096]).to(device), "image")
+                for s in range(0, len(self), 4096)
+            ]
+        )
+        width = self.route_indices.shape[1]
+        if route is not None:
+            width = max(width, route.indices.shape[1])
+            new_idx, new_w = canonical_route(route.indices, route.weights, width)
+        else:
+            new_idx = np.zeros((0, width), np.int64)
+            new_w = np.zeros((0, width), np.float32)
+        self._widen(width)
+        moved = (new_idx != self.route_indices).any(1) | (
+            np.abs(new_w - self.route_weights) > ROUTE_ATOL
+        ).any(1)
+        stale = np.isin(new_idx, changed).any(1) | np.isin(self.route_indices, changed).any(1)
+        todo = np.flatnonzero(moved | stale)
+        t1 = time.perf_counter()
+        load = load_image or self._load_from_path
+        transform = _image_transform(encoder)
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start : start + batch_size]
+            pixels = torch.stack([transform(load(int(r))) for r in rows]).to(device)
+            sub = _subset_route(route, torch.from_numpy(rows))
+            emb = encoder.encode_image_routed(pixels, sub)
+            self.replace_embeddings(rows, emb, new_idx[rows], new_w[rows])
+        self.fingerprint = fp
+        return UpdateStats(
+            total=len(self),
+            reembedded=len(todo),
+            route_changed=int(moved.sum()),
+            adapters_changed=changed,
+            route_seconds=t1 - t0,
+            embed_seconds=time.perf_counter() - t1,
+        )
+
+    def _load_from_path(self, row: int) -> Image.Image:
+        path = self.paths[row]
+        if path is None:
+            raise ValueError(
+                f"item {self.ids[row]!r} has no source path: pass load_image to update()"
+            )
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    # --- persistence ----------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write a new version into ``directory`` and make it current atomically."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        current = _read_pointer(root)
+        number = int(current[1:7]) + 1 if current else 1
+        name = f"v{number:06d}-{secrets.token_hex(3)}"
+        tmp = root / f".tmp-{name}"
+        tmp.mkdir()
+        try:
+            _write_version(self, tmp)
+            _fsync_dir(tmp)
+            os.rename(tmp, root / name)  # a fresh name: atomic, never clobbers anything
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _write_pointer(root, name)  # the commit point
+        _remove_stale(root, keep=name)
+        return root / name
+
+    @classmethod
+    def load(cls, directory: str | Path, use_gpu: bool | None = None) -> GalleryIndex:
+        root = Path(directory)
+        name = _read_pointer(root)
+        if name is None:
+            raise FileNotFoundError(f"{root}: no gallery index here (missing {POINTER})")
+        folder = root / name
+        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{folder}: unknown index format {meta.get('format')!r}")
+        arrays = load_file(str(folder / "arrays.safetensors"))
+        index = cls(meta["dim"], meta["feature_dim"], use_gpu=use_gpu)
+        index.ids, index.paths, index.captions = meta["ids"], meta["paths"], meta["captions"]
+        index.fingerprint, index.meta = meta["fingerprint"], meta["meta"]
+        index._next_key = meta["next_key"]
+        for field_name in ("keys", "route_indices", "route_weights", "features", "embeddings"):
+            setattr(index, field_name, arrays[field_name])
+        if not (len(index.ids) == len(index.keys) == len(index.embeddings)):
+            raise ValueError(f"{folder}: ids and arrays differ in length")
+        index._cpu.add_with_ids(index.embeddings, index.keys)
+        index._reindex()
+        return index
+
+
+# --- file helpers (module functions so tests can inject crashes between steps) -----------------
+def _write_version(index: GalleryIndex, folder: Path) -> None:
+    arrays = {
+        "keys": index.keys,
+        "route_indices": index.route_indices,
+        "route_weights": index.route_weights,
+        "features": index.features,
+        "embeddings": index.embeddings,
+    }
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in arrays.items()}, folder / "arrays.safetensors"
+    )
+    _fsync_file(folder / "arrays.safetensors")
+    meta = {
+        "format": FORMAT,
+        "dim": index.dim,
+        "feature_dim": index.feature_dim,
+        "next_key": index._next_key,
+        "fingerprint": index.fingerprint,
+        "meta": index.meta,
+        "ids": index.ids,
+        "paths": index.paths,
+        "captions": index.captions,
+    }
+    (folder / "index.json").write_text(json.dumps(meta), encoding="utf-8")
+    _fsync_file(folder / "index.json")
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    tmp = root / f".{POINTER}.{secrets.token_hex(3)}.tmp"
+    tmp.write_text(name + "\n", encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, root / POINTER)
+    _fsync_dir(root)
+
+
+def _read_pointer(root: Path) -> str | None:
+    pointer = root / POINTER
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not (root / name / "index.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {name!r}, which is missing or incomplete")
+    return name
+
+
+def _remove_stale(root: Path, keep: str) -> None:
+    """Old versions and the leftovers of interrupted saves (never the current one)."""
+    for child in root.iterdir():
+        stale_version = child.is_dir() and child.name.startswith("v") and child.name != keep
+        if stale_version or child.name.startswith((".tmp-", f".{POINTER}.")):
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- small helpers ----------------------------------------------------------------------------
+def _as_f32(x: Tensor | np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
+    a = np.asarray(torch.as_tensor(x).detach().float().cpu(), dtype=np.float32)
+    a = np.ascontiguousarray(a.reshape(-1, a.shape[-1]) if a.ndim else a)
+    if a.shape[-1] != dim:
+        raise ValueError(f"{what} have dimension {a.shape[-1]}, the index expects {dim}")
+    return a
+
+
+def _normalised(x: Tensor | np.ndarray, dim: int, what: str = "queries") -> np.ndarray:
+    a = _as_f32(x, dim, what)
+    return np.ascontiguousarray(F.normalize(torch.from_numpy(a), dim=-1).numpy())
+
+
+def _repeated(ids: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    return [i for i in ids if i in seen or seen.add(i)]
+
+
+def _image_transform(encoder: Any) -> Callable[[Image.Image], Tensor]:
+    transform = getattr(encoder, "image_transform", None)
+    if transform is None:
+        transform = encoder.backbone.image_transform
+    return transform
+
+
+def _device_of(encoder: Any) -> torch.device:
+    dev = getattr(encoder, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    for value in (encoder, getattr(encoder, "backbone", None)):
+        if isinstance(value, nn.Module):
+            for p in value.parameters():
+                return p.device
+    return torch.device("cpu")
