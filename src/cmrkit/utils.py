@@ -55,3 +55,19 @@ def quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+@contextmanager
+def flush_denormals():
+    """Treat denormal floats as zero while training on CPU.
+
+    Adam's second-moment estimates of rarely-updated weights decay into the denormal range, and
+    x86 arithmetic on denormals is up to 100x slower: without this, a pretraining step took 20x
+    longer after a few hundred steps.
+    """
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.dataset import ImageCaptionDataset
-from ..utils import seed_everything
+from ..utils import flush_denormals, seed_everything
 
 
 @dataclass
@@ -90,6 +90,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 def train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: int) -> dict:
     """Train ``method`` on one task with symmetric InfoNCE plus the method's own loss terms."""
+    with flush_denormals():
+        return _train_task(method, ds, cfg, task_index)
+
+
+def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: int) -> dict:
     task_seed = cfg.seed * 1000 + task_index
     seed_everything(task_seed)
     backbone = method.backbone

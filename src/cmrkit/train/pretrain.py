@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..backbones.embedded import VISION_CONFIG, VISION_WEIGHTS, MiniDualEncoder, minilm_text_model
 from ..data.dataset import ImageCaptionDataset, load_imagefolder
-from ..utils import atomic_write, seed_everything
+from ..utils import atomic_write, flush_denormals, seed_everything
+from .loop import warmup_cosine
 from .losses import clip_loss
 
 BASE_SOURCES = ("openclipart", "fashion-extra")
@@ -52,7 +52,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     try:
-        return _pretrain(cfg)
+        with flush_denormals():
+            return _pretrain(cfg)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -71,7 +72,7 @@ def _pretrain(cfg: PretrainConfig) -> dict:
 
     params = [p for n, p in model.named_parameters() if not n.startswith("text.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup_steps, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     captions_of = _captions_by_image(owner, len(corpus))
     model.vision.train()
@@ -165,13 +166,3 @@ def _captions_by_image(owner: torch.Tensor, n: int) -> list[torch.Tensor]:
 def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     offsets = torch.randint(x.shape[-1] - size + 1, (len(x), 2), generator=gen).tolist()
     return torch.stack([im[:, dy : dy + size, dx : dx + size] for im, (dx, dy) in zip(x, offsets)])
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
