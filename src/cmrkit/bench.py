@@ -110,7 +110,7 @@ class Bench:
             record["timings"]["train_s"].append(time.time() - tic)
             record["train_stats"].append({k: v for k, v in stats.items()})
             tic = time.time()
-            self._evaluate(method.encoder(), seen, t, record)
+            self._evaluate(method, seen, t, record)
             record["timings"]["eval_s"].append(time.time() - tic)
             self._checkpoint(name, method, record, t + 1)
         record["metrics"] = summarize(record["recall"])
@@ -122,12 +122,18 @@ class Bench:
         self._save()
 
     # --- evaluation ---------------------------------------------------------------------------
-    def _evaluate(self, encoder, seen: list[str], t: int, record: dict) -> None:
+    def _evaluate(self, method, seen: list[str], t: int, record: dict) -> None:
+        encoder = method.encoder()
         embeddings: list[DatasetEmbeddings] = []
         for s, task in enumerate(seen):
-            recall, emb = evaluate_retrieval(encoder, self.tests[task], self.cfg.eval_batch_size)
+            ds = self.tests[task]
+            recall, emb = evaluate_retrieval(
+                method.encoder_for_task(task), ds, self.cfg.eval_batch_size
+            )
             embeddings.append(emb)
             _put(record["recall"], recall, t, s)
+            if extra := method.extra_eval(task, ds):
+                record.setdefault("extra_eval", []).append({"after": t, "task": task, **extra})
         joint = joint_recall(
             [e.images for e in embeddings],
             [e.texts for e in embeddings],

@@ -45,6 +45,9 @@ class AdapterRouting:
     params: Mapping[str, Any] = field(default_factory=dict)
     rule_on_single: bool = False
     batch_dim: int = 0
+    # Grouping of samples by adapter set, computed by the first layer and reused by all others
+    # (every layer of a forward sees the same routing); keyed by (K, device, batch).
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -218,20 +221,26 @@ class LoRABankLinear(nn.Module):
         r = self.routing
         if r.mode == "none":
             return out
+        if not out.is_contiguous():  # in-place accumulation below needs a plain layout
+            out = out.contiguous()
         if r.mode == "single":
             self._check_index(r.index)
-            return out + self._single(x, r.index)
-        # Per-sample modes work on a batch-first view.
-        xb = x.movedim(r.batch_dim, 0)
+            return self._add_single(out, x, r.index)
         if r.mode == "core":
-            delta = self._core(xb, r, out.dtype)
-        else:
-            delta = self._mix(xb, self._mix_weights(r, xb.shape[0]))
-        return out + delta.movedim(0, r.batch_dim)
+            return self._core(out, x, r)
+        # Per-sample mixing works on a batch-first view of x (movedim: no copy).
+        h = self._mix(x.movedim(r.batch_dim, 0), r)
+        _addmm_(out, h.movedim(0, r.batch_dim), torch.cat(list(self.lora_B), dim=1))
+        return out
 
-    def _single(self, x: Tensor, idx: int) -> Tensor:
+    # The update is added into the base output in place (addmm_ / index_add_): no (batch, m)
+    # temporaries besides the base output itself. Large fresh allocations cost page faults on
+    # every call (glibc returns big blocks to the OS), which dominated the LoRA overhead on CPU.
+    # Autograd allows it: a Linear's backward does not read its output.
+    def _add_single(self, out: Tensor, x: Tensor, idx: int) -> Tensor:
         h = F.linear(self.lora_dropout[idx](x), self.lora_A[idx])
-        return self.scales[idx] * F.linear(h, self.lora_B[idx])
+        _addmm_(out, h, self.lora_B[idx], self.alphas[idx] / self.lora_A[idx].shape[0])
+        return out
 
     def _mix_weights(self, r: AdapterRouting, batch: int) -> Tensor:
         K = self.num_adapters
@@ -252,8 +261,10 @@ class LoRABankLinear(nn.Module):
         # One-hot rows; -1 gives an all-zero row, i.e. the bare backbone for that sample.
         return F.one_hot(idx.clamp(min=0).long(), K) * (idx >= 0).unsqueeze(1)
 
-    def _mix(self, x: Tensor, weights: Tensor) -> Tensor:
-        """Σ_k w[b,k] s_k B_k A_k x[b] via one (ΣR, n) and one (m, ΣR) matmul."""
+    def _mix(self, x: Tensor, r: AdapterRouting) -> Tensor:
+        """h[b] = (w[b,k] s_k A_k x[b])_k (B, ..., ΣR): one (ΣR, n) matmul; the caller adds
+        [B_1 … B_K] h, so that out[b] += Σ_k w[b,k] s_k B_k A_k x[b]."""
+        weights = self._mix_weights(r, x.shape[0])
         ranks = self.ranks
         owner = torch.repeat_interleave(
             torch.arange(len(ranks), device=x.device), torch.tensor(ranks, device=x.device)
@@ -268,8 +279,7 @@ class LoRABankLinear(nn.Module):
             )
         else:
             h = F.linear(x, torch.cat(list(self.lora_A), dim=0))
-        h = h * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])
-        return F.linear(h, torch.cat(list(self.lora_B), dim=1))
+        return h * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])
 
     def _basis(self, members: tuple[int, ...]) -> CoreBasis:
         """Core basis of an adapter set, cached until any of its adapters changes."""
@@ -287,13 +297,17 @@ class LoRABankLinear(nn.Module):
         self._core_cache[members] = (key, basis)
         return basis
 
-    def _core(self, x: Tensor, r: AdapterRouting, out_dtype: torch.dtype) -> Tensor:
-        """Per-sample merge in the core space of each sample's adapter set: U (M_i (V x))."""
-        idx, w = r.indices.to(x.device).long(), r.weights.to(x.device)
-        B, K = x.shape[0], self.num_adapters
-        if idx.dim() != 2 or idx.shape[0] != B or w.shape != idx.shape:
+    def _plan(self, r: AdapterRouting, batch: int, device: torch.device) -> list[tuple]:
+        """Samples grouped by canonical adapter set: [(members, rows or None, weights)]."""
+        K = self.num_adapters
+        key = (K, str(device), batch)
+        plan = r._plans.get(key)
+        if plan is not None:
+            return plan
+        idx, w = r.indices.to(device).long(), r.weights.to(device)
+        if idx.dim() != 2 or idx.shape[0] != batch or w.shape != idx.shape:
             raise ValueError(
-                f"core routing needs indices and weights of shape (batch={B}, k), "
+                f"core routing needs indices and weights of shape (batch={batch}, k), "
                 f"got {tuple(idx.shape)} and {tuple(w.shape)}"
             )
         if bool(((idx < -1) | (idx >= K)).any()):
@@ -304,25 +318,48 @@ class LoRABankLinear(nn.Module):
         if bool(((keyed[:, 1:] == keyed[:, :-1]) & (keyed[:, 1:] < K)).any()):
             raise ValueError("core routing lists the same adapter twice for a sample")
         sets, inverse = torch.unique(keyed, dim=0, return_inverse=True)
-        # out_dtype, not x.dtype: under autocast the matmuls return a lower precision.
-        delta = torch.zeros(*x.shape[:-1], self.out_features, dtype=out_dtype, device=x.device)
+        plan = []
         for g, row in enumerate(sets.tolist()):  # few distinct sets, never one per sample
             members = tuple(j for j in row if j < K)
             if not members:
                 continue  # all padding: bare backbone
-            sel = (inverse == g).nonzero().squeeze(1)
-            xg, wg = x.index_select(0, sel), w.index_select(0, sel)[:, : len(members)]
+            if len(sets) == 1:  # the whole batch shares one set: no gather / scatter
+                plan.append((members, None, w[:, : len(members)]))
+            else:
+                rows = (inverse == g).nonzero().squeeze(1)
+                plan.append((members, rows, w.index_select(0, rows)[:, : len(members)]))
+        r._plans[key] = plan
+        return plan
+
+    def _core(self, out: Tensor, x: Tensor, r: AdapterRouting) -> Tensor:
+        """Per-sample merge in the core space of each sample's adapter set: out += U (M_i (V x))."""
+        bd = r.batch_dim
+        for members, rows, wg in self._plan(r, x.shape[bd], x.device):
+            xg = x if rows is None else x.index_select(bd, rows)
+            xg = xg.movedim(bd, 0)  # batch-first view for the per-sample matmul
             if len(members) == 1 and not r.rule_on_single:
-                scale = wg[:, 0].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
-                y = self._single(xg, members[0]) * scale
+                j = members[0]
+                scale = wg[:, 0].to(x.dtype).view(-1, *[1] * (x.dim() - 1)) * self.scales[j]
+                h = F.linear(self.lora_dropout[j](xg), self.lora_A[j]) * scale
+                u = self.lora_B[j]
             else:
                 basis = self._basis(members)
                 m = merge_in_core(basis, wg, r.rule, **r.params).to(x.dtype)  # (G, dU, dV)
                 z = F.linear(xg, basis.V.to(x.dtype))  # (G, ..., dV)
-                z = (z.reshape(len(sel), -1, z.shape[-1]) @ m.mT).reshape(*z.shape[:-1], -1)
-                y = F.linear(z, basis.U.to(x.dtype))
-            delta.index_copy_(0, sel, y.to(out_dtype))
-        return delta
+                h = (z.reshape(z.shape[0], -1, z.shape[-1]) @ m.mT).reshape(*z.shape[:-1], -1)
+                u = basis.U.to(x.dtype)
+            if rows is None:
+                _addmm_(out, h.movedim(0, bd), u)
+            else:  # (m, dU) map only for this group's rows, then scattered into the output
+                out.index_add_(bd, rows, F.linear(h, u).movedim(0, bd).to(out.dtype))
+        return out
 
     def extra_repr(self) -> str:
         return f"adapters={self.num_adapters}, ranks={self.ranks}"
+
+
+def _addmm_(out: Tensor, h: Tensor, b: Tensor, alpha: float = 1.0) -> None:
+    """out += alpha · h bᵀ in place (out contiguous; h of the same leading shape)."""
+    out2 = out.view(-1, out.shape[-1])
+    h2 = h.reshape(-1, h.shape[-1]).to(out.dtype)
+    out2.addmm_(h2, b.to(out.dtype).T, alpha=alpha)

@@ -1,0 +1,11 @@
+"""Gallery index with routing metadata and incremental updates (see :mod:`.gallery`)."""
+
+from cmrkit.index.gallery import (
+    GalleryIndex,
+    RoutedEncoder,
+    UpdateStats,
+    bank_fingerprint,
+    canonical_route,
+)
+
+__all__ = ["GalleryIndex", "RoutedEncoder", "UpdateStats", "bank_fingerprint", "canonical_route"]

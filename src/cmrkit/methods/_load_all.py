@@ -1,3 +1,3 @@
 """Importing this module registers every built-in method."""
 
-from . import finetune, zeroshot  # noqa: F401
+from . import cclip, dar, dkr, ewc, finetune, l2p, lora_ft, modx, task_arithmetic, zeroshot  # noqa: F401

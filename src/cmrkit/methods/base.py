@@ -73,6 +73,16 @@ class ContinualMethod:
         """The object evaluation uses: anything with the DualEncoder face."""
         return self.backbone
 
+    def encoder_for_task(self, task: str) -> DualEncoder:
+        """The encoder for the test data of seen task ``task``. Task-agnostic methods ignore the
+        name; a task-aware upper bound (``dar_oracle``) uses it."""
+        return self.encoder()
+
+    def extra_eval(self, task: str, ds: ImageCaptionDataset) -> dict:
+        """Method-specific numbers on a seen task's test data, stored in the method's record
+        (e.g. DAR's routing accuracy); JSON-able."""
+        return {}
+
     # --- checkpoints: tensors go to safetensors, the rest to JSON -----------------------------
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.backbone.state_dict().items()}

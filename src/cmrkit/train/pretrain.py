@@ -78,7 +78,7 @@ def _pretrain(cfg: PretrainConfig) -> dict:
     model.vision.train()
     losses = []
     bar = tqdm(range(cfg.steps), desc="pretrain", mininterval=5)
-    for step in bar:
+    for _ in bar:
         idx = torch.randint(len(corpus), (cfg.batch_size,), generator=gen)
         x = _random_crops(pixels[idx], size, gen).float()
         pick = [
