@@ -38,7 +38,8 @@ def test_custom_suite_yaml_with_relative_paths_and_seeded_split(tmp_path):
     assert stored.exists()
     # a second load reuses the stored split, and a changed dataset is refused
     assert load_suite(yaml_path, data_root=tmp_path / "data").load("b", "test").ids == test_ids
-    (tmp_path / "data" / "b" / "metadata.jsonl").write_text('{"file_name": "0.png", "captions": ["x"]}')
+    one_row = '{"file_name": "0.png", "captions": ["x"]}'
+    (tmp_path / "data" / "b" / "metadata.jsonl").write_text(one_row)
     with pytest.raises(DataError, match="split made for 10 items"):
         suite.load("b", "test")
     suite.holdout(["a"])

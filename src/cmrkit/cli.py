@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 def _extra_commands():
     """Sub-commands that live with their part of the package (adapters, index, serve)."""
     registers = []
-    for module in ("cmrkit.adapters.cli", "cmrkit.index.cli", "cmrkit.serve.cli"):
+    for module in (
+        "cmrkit.adapters.cli",
+        "cmrkit.ablate",
+        "cmrkit.index.cli",
+        "cmrkit.serve.cli",
+    ):
         try:
             registers.append(__import__(module, fromlist=["register"]).register)
         except ModuleNotFoundError:

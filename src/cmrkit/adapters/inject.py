@@ -156,6 +156,6 @@ def inject_lora_bank(model: nn.Module, targets: Sequence[str]) -> LoRABank:
                 f"{name} lives inside nn.MultiheadAttention, which bypasses "
                 "wrappers; use a model with explicit attention projections"
             )
-        layers[name] = LoRABankLinear(modules[name])
+        layers[name] = LoRABankLinear(modules[name]).train(modules[name].training)
         setattr(parent, child, layers[name])
     return LoRABank(layers)

@@ -46,7 +46,8 @@ class AdapterRouting:
     rule_on_single: bool = False
     batch_dim: int = 0
     # Grouping of samples by adapter set, computed by the first layer and reused by all others
-    # (every layer of a forward sees the same routing); keyed by (K, device, batch).
+    # (every layer of a forward sees the same routing); keyed by (K, device, batch). A routing
+    # is therefore immutable: build a new one rather than editing its tensors in place.
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -164,7 +165,8 @@ class LoRABankLinear(nn.Module):
         b = torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device)
         self.lora_A.append(nn.Parameter(a, requires_grad=False))
         self.lora_B.append(nn.Parameter(b, requires_grad=False))
-        self.lora_dropout.append(nn.Dropout(dropout) if dropout > 0 else nn.Identity())
+        drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout.append(drop.train(self.training))  # follow the host model's mode
         self.alphas.append(float(alpha))
         self._bump()
         return self.num_adapters - 1
@@ -226,9 +228,9 @@ class LoRABankLinear(nn.Module):
         if r.mode == "single":
             self._check_index(r.index)
             return self._add_single(out, x, r.index)
-        if r.mode == "core":
-            return self._core(out, x, r)
-        # Per-sample mixing works on a batch-first view of x (movedim: no copy).
+        if r.mode in ("hard", "core"):
+            return self._grouped(out, x, r)
+        # Soft mixing works on a batch-first view of x (movedim: no copy).
         h = self._mix(x.movedim(r.batch_dim, 0), r)
         _addmm_(out, h.movedim(0, r.batch_dim), torch.cat(list(self.lora_B), dim=1))
         return out
@@ -243,23 +245,13 @@ class LoRABankLinear(nn.Module):
         return out
 
     def _mix_weights(self, r: AdapterRouting, batch: int) -> Tensor:
-        K = self.num_adapters
-        if r.mode == "soft":
-            w = r.weights
-            if w.shape != (batch, K):
-                raise ValueError(
-                    f"soft routing weights must be (batch, K) = {(batch, K)}, got {tuple(w.shape)}"
-                )
-            return w
-        idx = r.indices
-        if idx.shape != (batch,):
+        w = r.weights
+        if w.shape != (batch, self.num_adapters):
             raise ValueError(
-                f"hard routing indices must be (batch,) = ({batch},), got {tuple(idx.shape)}"
+                f"soft routing weights must be (batch, K) = {(batch, self.num_adapters)}, "
+                f"got {tuple(w.shape)}"
             )
-        if bool(((idx < -1) | (idx >= K)).any()):
-            raise IndexError(f"hard routing index out of range [-1, {K})")
-        # One-hot rows; -1 gives an all-zero row, i.e. the bare backbone for that sample.
-        return F.one_hot(idx.clamp(min=0).long(), K) * (idx >= 0).unsqueeze(1)
+        return w
 
     def _mix(self, x: Tensor, r: AdapterRouting) -> Tensor:
         """h[b] = (w[b,k] s_k A_k x[b])_k (B, ..., ΣR): one (ΣR, n) matmul; the caller adds
@@ -298,13 +290,28 @@ class LoRABankLinear(nn.Module):
         return basis
 
     def _plan(self, r: AdapterRouting, batch: int, device: torch.device) -> list[tuple]:
-        """Samples grouped by canonical adapter set: [(members, rows or None, weights)]."""
+        """Samples grouped by canonical adapter set: [(members, rows or None, weights)].
+
+        Hard routing is the k = 1 case: grouping by adapter costs one rank-r update per sample
+        whatever the bank size, where mixing would compute all K adapters for every sample.
+        """
         K = self.num_adapters
         key = (K, str(device), batch)
         plan = r._plans.get(key)
         if plan is not None:
             return plan
-        idx, w = r.indices.to(device).long(), r.weights.to(device)
+        if r.mode == "hard":
+            idx = r.indices.to(device).long()
+            if idx.shape != (batch,):
+                raise ValueError(
+                    f"hard routing indices must be (batch,) = ({batch},), got {tuple(idx.shape)}"
+                )
+            if bool(((idx < -1) | (idx >= K)).any()):
+                raise IndexError(f"hard routing index out of range [-1, {K})")
+            idx = idx[:, None]
+            w = torch.ones(idx.shape, device=device)
+        else:
+            idx, w = r.indices.to(device).long(), r.weights.to(device)
         if idx.dim() != 2 or idx.shape[0] != batch or w.shape != idx.shape:
             raise ValueError(
                 f"core routing needs indices and weights of shape (batch={batch}, k), "
@@ -331,8 +338,9 @@ class LoRABankLinear(nn.Module):
         r._plans[key] = plan
         return plan
 
-    def _core(self, out: Tensor, x: Tensor, r: AdapterRouting) -> Tensor:
-        """Per-sample merge in the core space of each sample's adapter set: out += U (M_i (V x))."""
+    def _grouped(self, out: Tensor, x: Tensor, r: AdapterRouting) -> Tensor:
+        """Hard and core routing, per group of samples sharing an adapter set: a lone adapter
+        adds w s B A x; a set merges in its core space, out += U (M_i (V x))."""
         bd = r.batch_dim
         for members, rows, wg in self._plan(r, x.shape[bd], x.device):
             xg = x if rows is None else x.index_select(bd, rows)

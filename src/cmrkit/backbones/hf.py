@@ -15,7 +15,7 @@ BERT_TARGETS = ("attention.output.dense", "intermediate.dense", "output.dense")
 
 
 class HFDualEncoder(DualEncoder):
-    """Wraps a transformers dual encoder that offers ``get_image_features``/``get_text_features``."""
+    """A transformers dual encoder with ``get_image_features`` / ``get_text_features``."""
 
     def __init__(self, model: nn.Module, tokenizer, name: str, image_mean=None, image_std=None):
         super().__init__()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backbones.base import DualEncoder, TextBatch
 from ..data.dataset import ImageCaptionDataset
@@ -67,7 +68,15 @@ class ContinualMethod:
         """Called after each optimizer step (e.g. to re-project parameters)."""
 
     def train_mode(self, training: bool) -> None:
+        """Dropout follows ``training``; a normalisation layer whose weights are frozen also keeps
+        its running statistics frozen, or a "frozen" backbone (cmrkit-mini's convolutional stem
+        has BatchNorm) would drift under every old adapter and prototype."""
         self.backbone.train(training)
+        for module in self.backbone.modules():
+            if isinstance(module, _BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
 
     def encoder(self) -> DualEncoder:
         """The object evaluation uses: anything with the DualEncoder face."""

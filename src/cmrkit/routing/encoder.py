@@ -1,0 +1,295 @@
+"""DAR at inference: a dual encoder that routes every item by itself.
+
+Per batch: ONE frozen-backbone pass (adapters disabled) gives the routing features, the router
+picks each item's adapters and weights, then ONE routed pass through the LoRA bank merges each
+item's adapters in their core space. Evaluation sees only the DualEncoder face; a gallery index
+uses the pieces (features, route, routed encoding) to store and compare routes.
+
+Pair strategies (the paper's ``pair`` score and its ablations) need the true image–caption
+pairing, which a single item does not carry: :func:`evaluate_routed` applies them to a whole
+dataset, where images and their captions are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmrkit.adapters import LoRABank
+from cmrkit.adapters.persistence import load_bank, save_bank
+from cmrkit.eval.retrieval import DatasetEmbeddings, Recall, flatten_captions, recall_at_k
+from cmrkit.merging import MERGE_RULES as CORE_RULES
+from cmrkit.merging import check_params
+from cmrkit.routing.prototypes import PrototypeMemory, caption_means, task_features
+from cmrkit.routing.router import (
+    MERGE_RULES,
+    PAIR_STRATEGIES,
+    Route,
+    Router,
+    RouterConfig,
+)
+
+MODALITIES = ("image", "text")
+
+
+class RoutedEncoder(nn.Module):
+    """The DualEncoder face of a backbone with a DAR adapter bank and its prototype memory."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        bank: LoRABank,
+        memory: PrototypeMemory,
+        config: RouterConfig | None = None,
+        merge_rule: str = "iso",
+        merge_params: dict[str, Any] | None = None,
+        task: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.bank = bank
+        self.memory = memory
+        self.router = Router(memory, config)
+        self.merge_rule = merge_rule
+        self.merge_params = dict(merge_params or {})
+        self.task = task  # the true task, read by the oracle strategy only
+        self.batch_dim = getattr(backbone, "lora_batch_dim", 0)  # sample dim of Linear inputs
+        if merge_rule not in MERGE_RULES:
+            raise ValueError(f"unknown merge rule {merge_rule!r}; choose from {MERGE_RULES}")
+        if merge_rule in CORE_RULES:
+            check_params(merge_rule, self.merge_params)
+
+    # --- the DualEncoder face -----------------------------------------------------------------
+    @property
+    def config(self) -> RouterConfig:
+        return self.router.config
+
+    @property
+    def name(self) -> str:
+        return getattr(self.backbone, "name", "dual-encoder")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        return self.backbone.lora_targets
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.backbone.logit_scale
+
+    @property
+    def image_transform(self) -> Callable:
+        return self.backbone.image_transform
+
+    @property
+    def train_transform(self) -> Callable:
+        return self.backbone.train_transform
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        return self.backbone.tokenize(texts)
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        route = self.route(self.backbone_image_features(pixels), "image")
+        return self.encode_image_routed(pixels, route, normalize)
+
+    def encode_text(self, tokens: dict[str, Tensor], normalize: bool = True) -> Tensor:
+        route = self.route(self.backbone_text_features(tokens), "text")
+        return self.encode_text_routed(tokens, route, normalize)
+
+    # --- the pieces (for a gallery index) -----------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """One name per adapter: the task(s) it learned, joined by '+'."""
+        return ["+".join(tasks) for tasks in self.memory.tasks]
+
+    @torch.no_grad()
+    def backbone_image_features(self, pixels: Tensor) -> Tensor:
+        """(B, d) L2-normalised frozen-backbone image features: what routing looks at."""
+        with self.bank.disabled():
+            return self.backbone.encode_image(pixels)
+
+    @torch.no_grad()
+    def backbone_text_features(self, tokens: dict[str, Tensor]) -> Tensor:
+        with self.bank.disabled():
+            return self.backbone.encode_text(tokens)
+
+    def route(self, features: Tensor, modality: str) -> Route:
+        """Route items of one ``modality`` ("image" or "text") from their backbone features."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        strategy = self.config.strategy
+        if strategy in PAIR_STRATEGIES and strategy != modality:
+            raise ValueError(
+                f"strategy {strategy!r} routes true image-caption pairs, not single {modality} "
+                "items: use evaluate_routed on a dataset"
+            )
+        return self.router.route(**{modality: features}, task=self.task)
+
+    def encode_image_routed(self, pixels: Tensor, route: Route, normalize: bool = True) -> Tensor:
+        with self.bank.routing(self._routing(route)):
+            return self.backbone.encode_image(pixels, normalize=normalize)
+
+    def encode_text_routed(
+        self, tokens: dict[str, Tensor], route: Route, normalize: bool = True
+    ) -> Tensor:
+        with self.bank.routing(self._routing(route)):
+            return self.backbone.encode_text(tokens, normalize=normalize)
+
+    def _routing(self, route: Route):
+        return route.to_routing(self.merge_rule, batch_dim=self.batch_dim, **self.merge_params)
+
+    # --- variants -----------------------------------------------------------------------------
+    def variant(self, **changes: Any) -> RoutedEncoder:
+        """The same bank and memory under other inference settings: RouterConfig fields,
+        ``merge_rule``, ``merge_params`` or ``task``. Nothing is copied or retrained."""
+        router_keys = {f.name for f in fields(RouterConfig)}
+        own = {"merge_rule", "merge_params", "task"}
+        if unknown := set(changes) - router_keys - own:
+            raise ValueError(f"unknown routed-encoder settings {sorted(unknown)}")
+        config = replace(self.config, **{k: v for k, v in changes.items() if k in router_keys})
+        return RoutedEncoder(
+            self.backbone,
+            self.bank,
+            self.memory,
+            config,
+            changes.get("merge_rule", self.merge_rule),
+            changes.get("merge_params", self.merge_params),
+            changes.get("task", self.task),
+        )
+
+    def for_task(self, task: str) -> RoutedEncoder:
+        """Task-aware routing: every item to the adapter that learned ``task`` (the oracle)."""
+        return self.variant(strategy="oracle", task=task)
+
+    # --- files --------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """``adapters.safetensors`` (adapters + prototypes) and ``bank.json`` (routing setup)."""
+        return save_bank(
+            folder,
+            self.bank,
+            self.backbone,
+            names=self.adapter_names,
+            extra_tensors=self.memory.state_dict(),
+            extra={
+                "tasks": self.memory.tasks,
+                "router": asdict(self.config),
+                "merge": {"rule": self.merge_rule, "params": self.merge_params},
+            },
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path, backbone: nn.Module) -> RoutedEncoder:
+        """Load a saved bank onto ``backbone`` (the same model it was trained on)."""
+        bank, tensors, meta = load_bank(folder, backbone)
+        bank.freeze()
+        backbone.requires_grad_(False)
+        extra = meta["extra"]
+        memory = PrototypeMemory(backbone.embed_dim)
+        try:
+            memory.load_state_dict(tensors, extra["tasks"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{Path(folder)}: bad prototype memory ({e})") from None
+        merge = extra["merge"]
+        return cls(
+            backbone, bank, memory, RouterConfig(**extra["router"]), merge["rule"], merge["params"]
+        ).eval()
+
+
+# --- whole datasets (pair strategies, ablations, routing accuracy) ------------------------------
+def routing_features(encoder: RoutedEncoder, ds, batch_size: int = 256) -> DatasetEmbeddings:
+    """Frozen-backbone features of a dataset's images and captions (the same for every
+    variant of the encoder: compute once, route many times)."""
+    return task_features(encoder.backbone, ds, encoder.bank, batch_size)
+
+
+def route_dataset(
+    encoder: RoutedEncoder, feats: DatasetEmbeddings, task: str | None = None
+) -> tuple[Route, Route]:
+    """Routes of every image and every caption. Pair strategies route an image together with
+    its captions (their mean feature), and each caption takes its image's route."""
+    router, task = encoder.router, task or encoder.task
+    if encoder.config.strategy in PAIR_STRATEGIES:
+        pairs = router.route(image=feats.images, text=caption_means(feats), task=task)
+        return pairs, pairs[feats.text_to_image.long()]
+    return router.route(image=feats.images, task=task), router.route(text=feats.texts, task=task)
+
+
+@torch.no_grad()
+def embed_routed(
+    encoder: RoutedEncoder, ds, image_route: Route, text_route: Route, batch_size: int = 256
+) -> DatasetEmbeddings:
+    """Embed a dataset's images and captions with given per-item routes."""
+    texts, owner = flatten_captions(ds)
+    device = encoder.device
+    images_out, texts_out = [], []
+    with _eval_mode(encoder):
+        for a in range(0, len(ds), batch_size):
+            items = range(a, min(a + batch_size, len(ds)))
+            pixels = torch.stack([encoder.image_transform(ds.load_image(i)) for i in items])
+            z = encoder.encode_image_routed(pixels.to(device), image_route[a : a + len(items)])
+            images_out.append(_finish(z))
+        for a in range(0, len(texts), batch_size):
+            chunk = texts[a : a + batch_size]
+            tokens = {k: v.to(device) for k, v in encoder.tokenize(chunk).items()}
+            texts_out.append(
+                _finish(encoder.encode_text_routed(tokens, text_route[a : a + len(chunk)]))
+            )
+    return DatasetEmbeddings(torch.cat(images_out), torch.cat(texts_out), owner)
+
+
+def evaluate_routed(
+    encoder: RoutedEncoder,
+    ds,
+    batch_size: int = 256,
+    feats: DatasetEmbeddings | None = None,
+    task: str | None = None,
+) -> tuple[Recall, Route, Route]:
+    """Recall@K of ``ds`` under the encoder's strategy (any strategy, pair ones included), with
+    the image and caption routes. ``feats``: cached :func:`routing_features` of ``ds``."""
+    feats = feats if feats is not None else routing_features(encoder, ds, batch_size)
+    image_route, text_route = route_dataset(encoder, feats, task)
+    emb = embed_routed(encoder, ds, image_route, text_route, batch_size)
+    return recall_at_k(emb.images, emb.texts, emb.text_to_image), image_route, text_route
+
+
+def routing_accuracy(image_route: Route, text_route: Route, adapter: int) -> dict[str, float]:
+    """Percent of images / captions whose best adapter is ``adapter`` (their own task's), and
+    percent sent to the bare backbone."""
+
+    def share(route: Route, value: int) -> float:
+        return 100.0 * (route.top1 == value).double().mean().item()
+
+    return {
+        "image": share(image_route, adapter),
+        "text": share(text_route, adapter),
+        "bare_image": share(image_route, -1),
+        "bare_text": share(text_route, -1),
+    }
+
+
+def _finish(z: Tensor) -> Tensor:
+    return F.normalize(z.detach().float(), dim=-1).cpu()
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
