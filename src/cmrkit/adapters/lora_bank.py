@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmrkit.merging.core_space import CoreBasis, core_basis, merge_in_core
-from cmrkit.merging.rules import check_params
+from cmrkit.merging.core_space import CoreBasis, core_basis
+from cmrkit.merging.rules import check_params, merge
 
 MODES = ("none", "single", "hard", "soft", "core")
 
@@ -332,9 +332,13 @@ class LoRABankLinear(nn.Module):
                 continue  # all padding: bare backbone
             if len(sets) == 1:  # the whole batch shares one set: no gather / scatter
                 plan.append((members, None, w[:, : len(members)]))
-            else:
-                rows = (inverse == g).nonzero().squeeze(1)
-                plan.append((members, rows, w.index_select(0, rows)[:, : len(members)]))
+                continue
+            rows = (inverse == g).nonzero().squeeze(1)
+            wg = w.index_select(0, rows)[:, : len(members)]
+            first, last = int(rows[0]), int(rows[-1])
+            if last - first + 1 == len(rows):  # consecutive (batch sorted by set): a view
+                rows = slice(first, last + 1)
+            plan.append((members, rows, wg))
         r._plans[key] = plan
         return plan
 
@@ -342,8 +346,17 @@ class LoRABankLinear(nn.Module):
         """Hard and core routing, per group of samples sharing an adapter set: a lone adapter
         adds w s B A x; a set merges in its core space, out += U (M_i (V x))."""
         bd = r.batch_dim
-        for members, rows, wg in self._plan(r, x.shape[bd], x.device):
-            xg = x if rows is None else x.index_select(bd, rows)
+        plan = self._plan(r, x.shape[bd], x.device)
+        merged = self._merged_cores(plan, r)
+        for g, (members, rows, wg) in enumerate(plan):
+            if isinstance(rows, slice) and bd != 0:  # a slice of a later dim is no plain view
+                rows = torch.arange(rows.start, rows.stop, device=x.device)
+            if rows is None:
+                xg, dst = x, out
+            elif isinstance(rows, slice):
+                xg, dst = x[rows], out[rows]  # views: no copy in, in-place add out
+            else:
+                xg, dst = x.index_select(bd, rows), None
             xg = xg.movedim(bd, 0)  # batch-first view for the per-sample matmul
             if len(members) == 1 and not r.rule_on_single:
                 j = members[0]
@@ -352,14 +365,34 @@ class LoRABankLinear(nn.Module):
                 u = self.lora_B[j]
             else:
                 basis = self._basis(members)
-                m = merge_in_core(basis, wg, r.rule, **r.params).to(x.dtype)  # (G, dU, dV)
+                m = merged[g].to(x.dtype)  # (G, dU, dV)
                 z = F.linear(xg, basis.V.to(x.dtype))  # (G, ..., dV)
                 h = (z.reshape(z.shape[0], -1, z.shape[-1]) @ m.mT).reshape(*z.shape[:-1], -1)
                 u = basis.U.to(x.dtype)
-            if rows is None:
-                _addmm_(out, h.movedim(0, bd), u)
+            if dst is not None:
+                _addmm_(dst, h.movedim(0, bd), u)
             else:  # (m, dU) map only for this group's rows, then scattered into the output
                 out.index_add_(bd, rows, F.linear(h, u).movedim(0, bd).to(out.dtype))
+        return out
+
+    def _merged_cores(self, plan: list[tuple], r: AdapterRouting) -> dict[int, Tensor]:
+        """Each merging group's per-sample merged cores, {group: (G, dU, dV)}.
+
+        Groups whose cores have one shape are merged by ONE rule call over all their samples
+        (each sample's cores and weights stacked): a rule is a few dozen small kernels (ISO and
+        TSV an SVD per sample), so one call per layer instead of one per adapter set.
+        """
+        buckets: dict[tuple, list[tuple[int, Tensor, Tensor]]] = {}
+        for g, (members, _, wg) in enumerate(plan):
+            if len(members) > 1 or r.rule_on_single:
+                cores = self._basis(members).cores  # (k, dU, dV)
+                buckets.setdefault(tuple(cores.shape), []).append((g, cores, wg))
+        out: dict[int, Tensor] = {}
+        for shape, items in buckets.items():
+            cores = torch.cat([c.expand(len(w), *shape) for _, c, w in items])
+            weights = torch.cat([w for _, _, w in items]).to(cores)
+            merged = merge(r.rule, cores, weights, **r.params)
+            out.update(zip([g for g, _, _ in items], merged.split([len(w) for *_, w in items])))
         return out
 
     def extra_repr(self) -> str:

@@ -21,9 +21,11 @@ No pickles: JSON and safetensors only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 
 FORMAT = "cmrkit-gallery-index/1"
 POINTER = "CURRENT"
+VERSION_NAME = re.compile(r"v\d{6}-[0-9a-f]{6}")
 ROUTE_ATOL = 1e-6  # weights closer than this count as the same route (float noise of re-routing)
 
 
@@ -102,7 +105,33 @@ def bank_fingerprint(encoder: Any) -> dict:
         hashes = [hashlib.sha256(n.encode()).hexdigest()[:16] for n in names]
     names = names or [f"adapter{i}" for i in range(len(hashes))]
     overall = hashlib.sha256("|".join(hashes).encode()).hexdigest()[:16]
-    return {"num_adapters": len(hashes), "hash": overall, "adapters": hashes, "names": names}
+    # How several adapters are merged changes the embedding of every merged item.
+    merge = {
+        "rule": getattr(encoder, "merge_rule", None),
+        "params": dict(getattr(encoder, "merge_params", None) or {}),
+    }
+    return {
+        "num_adapters": len(hashes),
+        "hash": overall,
+        "adapters": hashes,
+        "names": names,
+        "merge": json.loads(json.dumps(merge, default=str)),
+        "router": _router_hash(encoder),
+    }
+
+
+def _router_hash(encoder: Any) -> str:
+    """Hash of what routes depend on besides the features: prototypes and router settings."""
+    h = hashlib.sha256()
+    memory = getattr(encoder, "memory", None)
+    if memory is not None and hasattr(memory, "state_dict"):
+        for key, value in sorted(memory.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    config = getattr(encoder, "config", None)
+    if dataclasses.is_dataclass(config):
+        h.update(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -133,6 +162,21 @@ def _subset_route(route: RouteLike, rows: Tensor) -> RouteLike:
             route, **{f.name: pick(getattr(route, f.name)) for f in dataclasses.fields(route)}
         )
     return type(route)(indices=pick(route.indices), weights=pick(route.weights))
+
+
+def _encode_sorted(encoder: RoutedEncoder, pixels: Tensor, route: RouteLike) -> Tensor:
+    """The routed pass with the batch sorted by adapter set, returned in the given order.
+
+    Each set is then one contiguous slice, which the LoRA bank handles on views (no gather or
+    scatter of activations); the result per item does not depend on its batch-mates.
+    """
+    idx, _ = canonical_route(route.indices, route.weights)
+    order = np.lexsort(idx.T[::-1])  # rows by first adapter, then second, ...
+    if (order == np.arange(len(order))).all():
+        return encoder.encode_image_routed(pixels, route)
+    rows = torch.from_numpy(order)
+    emb = encoder.encode_image_routed(pixels[rows.to(pixels.device)], _subset_route(route, rows))
+    return emb[torch.argsort(rows).to(emb.device)]
 
 
 def _per_sample(v: Any, batch: int) -> bool:
@@ -174,8 +218,9 @@ class UpdateStats:
         return self.reembedded / max(self.total, 1)
 
 
+@functools.cache
 def _gpu_resources():
-    """FAISS GPU resources when this faiss build and machine have a GPU, else None."""
+    """FAISS GPU resources (one per process) when this faiss build and machine have a GPU."""
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         return faiss.StandardGpuResources()
     return None
@@ -302,10 +347,12 @@ class GalleryIndex:
 
     # --- reads ----------------------------------------------------------------------------
     def _search_index(self):
+        """The CPU IndexIDMap2 (labels = keys), or a GPU flat copy (labels = rows)."""
         if self._gpu_res is None:
             return self._cpu
-        if self._gpu_index is None:  # rebuilt lazily: GPU flat indexes cannot remove ids
-            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._cpu)
+        if self._gpu_index is None:  # rebuilt lazily after writes: GPU flat indexes cannot remove
+            self._gpu_index = faiss.GpuIndexFlatIP(self._gpu_res, self.dim)
+            self._gpu_index.add(self.embeddings)
         return self._gpu_index
 
     def search(self, query: Tensor | np.ndarray, k: int = 10) -> tuple[list[list[str]], np.ndarray]:
@@ -314,8 +361,10 @@ class GalleryIndex:
         k = min(int(k), len(self))
         if k <= 0:
             return [[] for _ in range(len(q))], np.zeros((len(q), 0), dtype=np.float32)
-        scores, keys = self._search_index().search(q, k)
-        ids = [[self.ids[self._key_row[int(key)]] for key in row if key >= 0] for row in keys]
+        index = self._search_index()
+        scores, labels = index.search(q, k)
+        row = (lambda label: label) if index is not self._cpu else self._key_row.__getitem__
+        ids = [[self.ids[row(int(lab))] for lab in labs if lab >= 0] for labs in labels]
         return ids, scores
 
     def embedding(self, item_id: str) -> np.ndarray:
@@ -360,11 +409,12 @@ class GalleryIndex:
         batch_size: int = 64,
     ) -> None:
         """Embed and add items: one backbone pass (routing feature) + one routed pass each."""
+        fp = bank_fingerprint(encoder)
         if not len(self):
-            self.fingerprint = bank_fingerprint(encoder)
-        elif bank_fingerprint(encoder)["hash"] != self.fingerprint["hash"]:
+            self.fingerprint = fp
+        elif any(fp[k] != self.fingerprint.get(k) for k in ("hash", "merge", "router")):
             raise ValueError(
-                "the encoder's adapter bank differs from the index's: run update first"
+                "the encoder's adapters or router differ from the index's: update first"
             )
         transform = _image_transform(encoder)
         device = _device_of(encoder)
@@ -373,7 +423,7 @@ class GalleryIndex:
             pixels = torch.stack([transform(load_image(i)) for i in rows]).to(device)
             feats = encoder.backbone_image_features(pixels)
             route = encoder.route(feats, "image")
-            emb = encoder.encode_image_routed(pixels, route)
+            emb = _encode_sorted(encoder, pixels, route)
             self.add(
                 [ids[i] for i in rows],
                 emb,
@@ -401,9 +451,11 @@ class GalleryIndex:
         """Bring the index up to the encoder's adapter bank, re-embedding only what changed.
 
         Routes are recomputed from the stored backbone features (no backbone pass). An item is
-        re-embedded (its image loaded again, one routed pass) when its route changed or when an
-        adapter it was or is routed to has different weights than the index was built with.
-        ``load_image(row)`` defaults to opening the stored source path.
+        re-embedded (its image loaded again, one routed pass) when its route changed, when an
+        adapter it was or is routed to has different weights than the index was built with, or,
+        for merged items, when the merge rule changed. ``load_image(row)`` defaults to opening
+        the stored source path. Nothing is written: ``save`` the index afterwards (a failed
+        update leaves the saved index as it was; running update again finishes the job).
         """
         t0 = time.perf_counter()
         fp = bank_fingerprint(encoder)
@@ -428,7 +480,10 @@ class GalleryIndex:
             np.abs(new_w - self.route_weights) > ROUTE_ATOL
         ).any(1)
         stale = np.isin(new_idx, changed).any(1) | np.isin(self.route_indices, changed).any(1)
+        if fp["merge"] != self.fingerprint.get("merge"):  # merged items change, lone ones do not
+            stale |= ((new_idx >= 0).sum(1) > 1) | ((self.route_indices >= 0).sum(1) > 1)
         todo = np.flatnonzero(moved | stale)
+        todo = todo[np.lexsort(new_idx[todo].T[::-1])]  # same adapter sets share batches
         t1 = time.perf_counter()
         load = load_image or self._load_from_path
         transform = _image_transform(encoder)
@@ -436,7 +491,7 @@ class GalleryIndex:
             rows = todo[start : start + batch_size]
             pixels = torch.stack([transform(load(int(r))) for r in rows]).to(device)
             sub = _subset_route(route, torch.from_numpy(rows))
-            emb = encoder.encode_image_routed(pixels, sub)
+            emb = _encode_sorted(encoder, pixels, sub)
             self.replace_embeddings(rows, emb, new_idx[rows], new_w[rows])
         self.fingerprint = fp
         return UpdateStats(
@@ -552,7 +607,7 @@ def _read_pointer(root: Path) -> str | None:
 def _remove_stale(root: Path, keep: str) -> None:
     """Old versions and the leftovers of interrupted saves (never the current one)."""
     for child in root.iterdir():
-        stale_version = child.is_dir() and child.name.startswith("v") and child.name != keep
+        stale_version = child.is_dir() and VERSION_NAME.fullmatch(child.name) and child.name != keep
         if stale_version or child.name.startswith((".tmp-", f".{POINTER}.")):
             if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)

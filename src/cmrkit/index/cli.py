@@ -1,0 +1,199 @@
+"""``cmrkit index build|update|search|info``: a routed gallery index from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmrkit.index.gallery import GalleryIndex
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="build, update and search a routed gallery index")
+    isub = p.add_subparsers(dest="index_command", required=True)
+
+    b = isub.add_parser("build", help="embed a gallery with a DAR adapter bank")
+    b.add_argument("--adapters", required=True, help="adapter bank folder (DAR checkpoint)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--imagefolder", help="a Hugging Face imagefolder split")
+    src.add_argument("--suite", help="a suite name or YAML: its tasks' split, jointly")
+    b.add_argument("--tasks", default="", help="with --suite: comma-separated tasks (default all)")
+    b.add_argument("--split", default="test")
+    b.add_argument("--data-root", help="data root for --suite (default: $CMRKIT_DATA)")
+    b.add_argument("--out", required=True, help="index folder")
+    _common(b, backbone=True)
+    b.set_defaults(run=_run_build)
+
+    u = isub.add_parser("update", help="bring an index up to a new adapter bank")
+    u.add_argument("--index", required=True)
+    u.add_argument("--adapters", required=True, help="the new adapter bank folder")
+    _common(u)
+    u.set_defaults(run=_run_update)
+
+    s = isub.add_parser("search", help="text and/or image queries against an index")
+    s.add_argument("--index", required=True)
+    s.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
+    s.add_argument("--image", action="append", default=[], help="an image query (repeatable)")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--adapters", help="adapter bank (default: the one the index was built with)")
+    _common(s)
+    s.set_defaults(run=_run_search)
+
+    i = isub.add_parser("info", help="size, adapter fingerprint and route counts of an index")
+    i.add_argument("--index", required=True)
+    i.set_defaults(run=_run_info)
+
+
+def _common(p: argparse.ArgumentParser, backbone: bool = False) -> None:
+    if backbone:
+        p.add_argument("--backbone", help="backbone spec (default: the one the bank names)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def load_routed_encoder(bank_dir: str | Path, backbone: str | None, device: str | None) -> Any:
+    """DAR's routed encoder for a saved adapter bank; the backbone spec defaults to the name the
+    bank recorded (cmrkit-mini, tiny-*, a hub id or path), and must match its fingerprint."""
+    from cmrkit.adapters import inject_lora_bank
+    from cmrkit.adapters.persistence import read_bank_meta
+    from cmrkit.backbones import load_backbone
+    from cmrkit.routing import RoutedEncoder
+
+    meta = read_bank_meta(bank_dir)
+    spec = backbone or meta["backbone"]["name"]
+    model = load_backbone(spec)
+    inject_lora_bank(model, meta["layers"])  # the wrapped layers the bank was saved with
+    encoder = RoutedEncoder.load(bank_dir, model)
+    encoder.backbone_spec = spec
+    if device:
+        encoder.to(device)
+    return encoder.eval()
+
+
+def _setup(args) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _gallery(args):
+    from cmrkit.data.dataset import ImageCaptionDataset, load_imagefolder
+
+    if args.imagefolder:
+        return load_imagefolder(args.imagefolder)
+    from cmrkit.data.suites import load_suite
+
+    suite = load_suite(args.suite, args.data_root)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()] or [t.name for t in suite.tasks]
+    parts = [suite.load(name, args.split) for name in names]
+    # Joint gallery: ids prefixed by task so that items of different tasks never collide.
+    return ImageCaptionDataset(
+        name=suite.name,
+        images=[im for p in parts for im in p.images],
+        captions=[c for p in parts for c in p.captions],
+        labels=[lab for p in parts for lab in p.labels],
+        ids=[f"{p.name}/{i}" for p in parts for i in p.ids],
+    )
+
+
+def _run_build(args) -> int:
+    _setup(args)
+    encoder = load_routed_encoder(args.adapters, args.backbone, args.device)
+    ds = _gallery(args)
+    index = GalleryIndex(encoder.embed_dim)
+    t0 = time.perf_counter()
+    index.add_dataset(encoder, ds, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    index.meta = {
+        "backbone": encoder.backbone_spec,
+        "adapters": str(Path(args.adapters).resolve()),
+        "source": args.imagefolder or f"{args.suite}:{args.split}",
+        "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    index.save(args.out)
+    print(
+        f"indexed {len(index)} items with {index.fingerprint['num_adapters']} adapters in "
+        f"{seconds:.1f} s ({len(index) / max(seconds, 1e-9):.1f} items/s) -> {args.out}"
+    )
+    return 0
+
+
+def _run_update(args) -> int:
+    _setup(args)
+    index = GalleryIndex.load(args.index)
+    encoder = load_routed_encoder(args.adapters, index.meta.get("backbone"), args.device)
+    before = index.fingerprint["num_adapters"]
+    stats = index.update(encoder, batch_size=args.batch_size)
+    index.meta["adapters"] = str(Path(args.adapters).resolve())
+    t0 = time.perf_counter()
+    index.save(args.index)
+    save_s = time.perf_counter() - t0
+    print(
+        f"adapters {before} -> {index.fingerprint['num_adapters']}"
+        + (f" (changed: {stats.adapters_changed})" if stats.adapters_changed else "")
+    )
+    print(
+        f"re-embedded {stats.reembedded} / {stats.total} items ({100 * stats.share:.1f}%; "
+        f"{stats.route_changed} changed route); re-route {stats.route_seconds:.2f} s, "
+        f"re-embed {stats.embed_seconds:.2f} s, save {save_s:.2f} s"
+    )
+    return 0
+
+
+@torch.no_grad()
+def _run_search(args) -> int:
+    _setup(args)
+    if not args.text and not args.image:
+        raise ValueError("give at least one --text or --image query")
+    index = GalleryIndex.load(args.index)
+    bank = args.adapters or index.meta.get("adapters")
+    if not bank:
+        raise ValueError("the index does not name its adapter bank: pass --adapters")
+    encoder = load_routed_encoder(bank, index.meta.get("backbone"), args.device)
+    names = list(encoder.adapter_names)
+    queries: list[tuple[str, torch.Tensor, Any]] = []
+    for text in args.text:
+        tokens = {k: v.to(encoder.device) for k, v in encoder.tokenize([text]).items()}
+        route = encoder.route(encoder.backbone_text_features(tokens), "text")
+        queries.append((f"text {text!r}", encoder.encode_text_routed(tokens, route), route))
+    for path in args.image:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            pixels = encoder.image_transform(im.convert("RGB")).unsqueeze(0).to(encoder.device)
+        route = encoder.route(encoder.backbone_image_features(pixels), "image")
+        queries.append((f"image {path}", encoder.encode_image_routed(pixels, route), route))
+    for label, emb, route in queries:
+        ids, scores = index.search(emb, args.k)
+        print(f"\nquery {label} routed to {_route_label(route, names)}")
+        print(f"{'rank':>4} {'score':>7}  {'adapters':<28} id / caption")
+        for rank, (item_id, score) in enumerate(zip(ids[0], scores[0].tolist()), 1):
+            row = index.row(item_id)
+            routed = "+".join(f"{n}({w:.2f})" for n, w in index.adapter_names_of(item_id))
+            caption = (index.captions[row] or [""])[0]
+            where = index.paths[row] or item_id
+            print(f"{rank:>4} {score:>7.4f}  {routed or '(backbone)':<28} {item_id}  [{where}]")
+            if caption:
+                print(f"{'':>13}{caption[:100]}")
+    return 0
+
+
+def _route_label(route: Any, names: list[str]) -> str:
+    pairs = [
+        (names[i] if i < len(names) else f"adapter{i}", w)
+        for i, w in zip(route.indices[0].tolist(), route.weights[0].tolist())
+        if i >= 0
+    ]
+    return "+".join(f"{n}({w:.2f})" for n, w in pairs) or "(bare backbone)"
+
+
+def _run_info(args) -> int:
+    import json
+
+    index = GalleryIndex.load(args.index)
+    print(json.dumps(index.info(), indent=2))
+    return 0
