@@ -59,7 +59,6 @@ def _common(p: argparse.ArgumentParser, backbone: bool = False) -> None:
 def load_routed_encoder(bank_dir: str | Path, backbone: str | None, device: str | None) -> Any:
     """DAR's routed encoder for a saved adapter bank; the backbone spec defaults to the name the
     bank recorded (cmrkit-mini, tiny-*, a hub id or path), and must match its fingerprint."""
-    from cmrkit.adapters import inject_lora_bank
     from cmrkit.adapters.persistence import read_bank_meta
     from cmrkit.backbones import load_backbone
     from cmrkit.routing import RoutedEncoder
@@ -67,7 +66,6 @@ def load_routed_encoder(bank_dir: str | Path, backbone: str | None, device: str 
     meta = read_bank_meta(bank_dir)
     spec = backbone or meta["backbone"]["name"]
     model = load_backbone(spec)
-    inject_lora_bank(model, meta["layers"])  # the wrapped layers the bank was saved with
     encoder = RoutedEncoder.load(bank_dir, model)
     encoder.backbone_spec = spec
     if device:
