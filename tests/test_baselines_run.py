@@ -100,3 +100,13 @@ def test_method_configs_hold_the_papers_values_and_build(name: str) -> None:
     assert not numbers_as_text  # YAML reads 1.0e4 (no exponent sign) as a string
     assert train.seed == 42 and train.epochs == 20
     build_method(name, load_backbone("tiny-mini"), **options)
+
+
+def test_per_method_overrides_split_training_settings_from_options() -> None:
+    train, options = method_config(
+        "dar", {"epochs": 2, "lr": 0.5}, {"lr": 1e-3, "rank": 4, "batch_size": 8}
+    )
+    assert (train.epochs, train.lr, train.batch_size) == (2, 1e-3, 8)  # method's own wins
+    assert options["rank"] == 4 and "lr" not in options and "batch_size" not in options
+    other, _ = method_config("finetune", {"epochs": 2, "lr": 0.5})
+    assert other.lr == 0.5

@@ -1,6 +1,7 @@
 """DAR, DAR-oracle and LoRA-FT on tiny-mini: lifecycle, routed encoding, checkpoints, bench."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -280,3 +281,12 @@ def test_ablation_reroutes_one_trained_bank(tmp_path):
     assert rows["bare"]["routing_accuracy"]["none"]["bare_image"] == 100.0
     assert rows["bare"]["zeroshot_cls"]["shapes"]["delta"] == pytest.approx(0.0)  # = pretrained
     assert "| top1 | merge_rule=none |" in (tmp_path / "abl/ablation.md").read_text()
+
+    # A finished training folder is reused untouched, and refused for other training settings.
+    trained = tmp_path / "abl/train/results.json"
+    before = trained.read_bytes()
+    shared = replace(run, out=tmp_path / "abl2", train_dir=tmp_path / "abl/train")
+    run_ablation(replace(cfg, variants={"top1": {"merge_rule": "none"}}), shared)
+    assert trained.read_bytes() == before
+    with pytest.raises(ValueError, match="other settings"):
+        run_ablation(cfg, replace(shared, method_overrides={"dar": {"lr": 0.5}}))

@@ -68,6 +68,7 @@ class RunSettings:
     eval_batch_size: int = 512
     templates: list[str] | None = None
     train_dir: Path | None = None  # inference-only: where DAR is trained (default OUT/train)
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # --set
 
 
 def load_ablation(path: str | Path) -> AblationConfig:
@@ -154,7 +155,8 @@ def _trained(cfg: AblationConfig, run: RunSettings):
         _bench_config(cfg, run, cfg.method, cfg.options, train_dir=train_dir, resume=True)
     )
     _check_reusable(bench, cfg.method)
-    results = bench.run()
+    done = bench.results.get("methods", {}).get(cfg.method, {}).get("complete")
+    results = bench.results if done else bench.run()  # a finished run's files stay untouched
     options = results["methods"][cfg.method]["config"]["options"]
     method = build_method(cfg.method, load_backbone(run.backbone).to(bench.cfg.device), **options)
     bench._restore(cfg.method, method, {})
@@ -213,7 +215,7 @@ def _bench_config(
         data_root=run.data_root,
         backbone=run.backbone,
         train_overrides={**cfg.train, **run.train_overrides},
-        method_options={method: dict(options)},
+        method_options={method: {**run.method_overrides.get(method, {}), **options}},
         eval_batch_size=run.eval_batch_size,
         max_train_items=run.max_train_items,
         resume=resume,
@@ -314,11 +316,18 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-train-items", type=int)
     p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="one method's option or training setting, as in `cmrkit bench` (dar.lr=1e-3)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
 def _run(args) -> int:
-    from .cli import QUICK, QUICK_TEMPLATES
+    from .cli import QUICK, QUICK_TEMPLATES, _method_options
 
     cfg = load_ablation(args.config)
     if args.suite:
@@ -339,6 +348,7 @@ def _run(args) -> int:
         eval_batch_size=args.eval_batch_size,
         templates=list(QUICK_TEMPLATES) if args.quick else None,
         train_dir=Path(args.train_dir) if args.train_dir else None,
+        method_overrides=_method_options(args.set),
     )
     run_ablation(cfg, run)
     print((run.out / "ablation.md").read_text())

@@ -232,14 +232,21 @@ def method_config(
     name: str, train_overrides: dict | None = None, options: dict | None = None
 ) -> tuple[TrainConfig, dict]:
     """Training settings and options of a method: ``configs/methods/NAME.yaml`` (the papers'
-    values), then the run's overrides on top."""
+    values), then the run's overrides, then this method's own overrides (``--set finetune.lr=…``:
+    keys naming a training setting go to training, the rest are method options)."""
     path = CONFIG_DIR / "methods" / f"{name}.yaml"
     defaults = yaml.safe_load(path.read_text()) if path.exists() else {}
     known = {f.name for f in fields(TrainConfig)}
-    train = {**(defaults.get("train") or {}), **(train_overrides or {})}
+    own = options or {}
+    train = {
+        **(defaults.get("train") or {}),
+        **(train_overrides or {}),
+        **{k: v for k, v in own.items() if k in known},
+    }
     if unknown := set(train) - known:
         raise ValueError(f"{path.name}: unknown training settings {sorted(unknown)}")
-    return TrainConfig(**train), {**(defaults.get("options") or {}), **(options or {})}
+    own_options = {k: v for k, v in own.items() if k not in known}
+    return TrainConfig(**train), {**(defaults.get("options") or {}), **own_options}
 
 
 def _empty_record(n_tasks: int, initial: dict) -> dict:

@@ -98,7 +98,8 @@ def _bench_parser(sub) -> None:
         action="append",
         default=[],
         metavar="METHOD.KEY=VALUE",
-        help="override a method option, e.g. dar.rank=8 (repeatable)",
+        help="override one method's option or training setting, e.g. dar.rank=8, finetune.lr=5e-5 "
+        "(repeatable)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_bench)
