@@ -110,3 +110,17 @@ def test_per_method_overrides_split_training_settings_from_options() -> None:
     assert options["rank"] == 4 and "lr" not in options and "batch_size" not in options
     other, _ = method_config("finetune", {"epochs": 2, "lr": 0.5})
     assert other.lr == 0.5
+
+
+def test_set_values_parse_numbers_the_way_users_write_them() -> None:
+    from cmrkit.cli import _method_options
+
+    parsed = _method_options(
+        ["dar.lr=5e-5", "dar.rank=8", "dar.none_quantile=null", "ewc.online=true"]
+    )
+    assert parsed == {
+        "dar": {"lr": 5e-5, "rank": 8, "none_quantile": None},
+        "ewc": {"online": True},
+    }
+    with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
+        _method_options(["lr=5e-5"])

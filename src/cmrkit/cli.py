@@ -149,16 +149,28 @@ def _run_bench(args) -> int:
 
 
 def _method_options(pairs: list[str]) -> dict[str, dict]:
-    import yaml
-
     options: dict[str, dict] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         method, dot, option = key.partition(".")
         if not sep or not dot:
             raise ValueError(f"--set {pair!r}: expected METHOD.KEY=VALUE")
-        options.setdefault(method, {})[option] = yaml.safe_load(value)
+        options.setdefault(method, {})[option] = _number_or_yaml(value)
     return options
+
+
+def _number_or_yaml(text: str):
+    """``5e-5`` is a float here (YAML 1.1 would read it as a string); anything else is YAML."""
+    import yaml
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return yaml.safe_load(text)
 
 
 # --- pretrain ---------------------------------------------------------------------------------
