@@ -195,7 +195,7 @@ def naive_per_sample(bank: LoRABank, run: Callable[[int], Tensor], routing: Adap
                 for layer, w0 in zip(layers, originals):
                     basis = layer._basis(members)  # cached: only the per-sample work is timed
                     delta = basis.to_full(merge_in_core(basis, weights, rule, **params))
-                    layer.base.weight.copy_(w0 + delta.to(w0.dtype))
+                    torch.add(w0, delta.to(w0.dtype), out=layer.base.weight)  # one pass
                 run(i)
     finally:
         for layer, w0 in zip(layers, originals):

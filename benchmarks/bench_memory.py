@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,8,64,256")
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--bank-tasks", default="1,2,4,8", help="T values for the bank-size table")
+    p.add_argument("--bank-tasks", default="1,2,4,8,16", help="T values for the bank-size table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--naive-max", type=int, default=64)
@@ -158,7 +158,8 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 def bank_table(which: str, args) -> None:
-    """Adapter parameters grow linearly in T; cached core bases per top-2 set quadratically."""
+    """Adapter parameters grow linearly in T; cached core bases with the top-2 sets (C(T, 2)),
+    up to each layer's LRU bound (``core_cache_size``)."""
     backbone, label = load_model(which)
     base_mb = sum(p.numel() * p.element_size() for p in backbone.parameters()) / MB
     rows = []
@@ -175,6 +176,7 @@ def bank_table(which: str, args) -> None:
         sets = len(list(combinations(range(tasks), 2)))
         if tasks >= 2:
             prime_core_bases(bank, tasks)
+        cached = len(bank._first()._core_cache)
         cache = sum(
             t.numel() * t.element_size()
             for layer in bank.layers.values()
@@ -187,13 +189,22 @@ def bank_table(which: str, args) -> None:
                 f"{params / MB:.1f}",
                 f"{100 * params / MB / base_mb:.1f}%",
                 str(sets),
+                str(cached),
                 f"{cache / MB:.1f}",
                 f"{cache / max(params, 1):.2f}",
             ]
         )
     print(f"## {label}: adapter-bank memory vs tasks T (rank {args.rank}, fp32)")
     print(f"backbone parameters: {base_mb:.0f} MB")
-    headers = ["T", "adapters MB", "of backbone", "top-2 sets", "core cache MB", "cache/params"]
+    headers = [
+        "T",
+        "adapters MB",
+        "of backbone",
+        "top-2 sets",
+        "cached sets",
+        "core cache MB",
+        "cache/params",
+    ]
     print(table(headers, rows) + "\n")
 
 

@@ -12,6 +12,7 @@ from cmrkit.adapters import (
     LoRABankLinear,
     inject_lora_bank,
 )
+from cmrkit.adapters.lora_bank import CORE_CACHE_SIZE
 from cmrkit.merging import MERGE_RULES, core_basis, merge
 
 DT = torch.float64
@@ -155,6 +156,38 @@ def test_core_cache_follows_in_place_updates():
         layer.lora_B[1].mul_(-2.0)  # like an optimizer step: no notification to the layer
         ref = _apply(layer, x, _core_reference(layer, "iso", {}))
     assert (_run(layer, x, routing) - ref).abs().max() < 1e-5
+
+
+def test_core_cache_is_bounded_lru_with_identical_results():
+    layer, x = _layer(), _x(8)
+    routing = AdapterRouting.core(CORE_IDX, CORE_W, "iso")
+    unbounded = _run(layer, x, routing)
+    sets = list(layer._core_cache)
+    assert len(sets) == 4  # (0, 1), (0, 2), (1, 2), (0, 1, 2)
+    layer.core_cache_size = 2  # shrinking evicts the least recently used sets
+    assert list(layer._core_cache) == sets[-2:]
+    for _ in range(2):  # every forward evicts and rebuilds: outputs stay identical
+        assert torch.equal(_run(layer, x, routing), unbounded)
+        assert len(layer._core_cache) == 2
+    layer._basis(sets[-1])  # a hit becomes the most recent: the other one goes first
+    layer._basis((0, 1))
+    assert list(layer._core_cache) == [sets[-1], (0, 1)]
+    layer.core_cache_size = 0  # no cache: bases are rebuilt within each forward
+    assert torch.equal(_run(layer, x, routing), unbounded) and not layer._core_cache
+    with pytest.raises(ValueError, match="core_cache_size"):
+        layer.core_cache_size = -1
+
+
+def test_core_cache_default_bound():
+    layer = LoRABankLinear(nn.Linear(6, 5).to(DT))
+    for _ in range(10):  # 45 pairs
+        layer.add_adapter(rank=1, dropout=0.0)
+    for j in range(10):
+        for k in range(j + 1, 10):
+            layer._basis((j, k))
+    assert len(layer._core_cache) == layer.core_cache_size == CORE_CACHE_SIZE < 45
+    small = LoRABankLinear(nn.Linear(6, 5), core_cache_size=3)
+    assert small.core_cache_size == 3
 
 
 def test_core_routing_validation():

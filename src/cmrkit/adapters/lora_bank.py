@@ -9,6 +9,7 @@ over samples, never a per-sample (m × n) matrix.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ from cmrkit.merging.core_space import CoreBasis, core_basis
 from cmrkit.merging.rules import check_params, merge
 
 MODES = ("none", "single", "hard", "soft", "core")
+# Adapter sets whose core bases a layer keeps (least recently used evicted). DAR top-2 over T
+# tasks has C(T, 2) sets: 32 holds every pair up to T = 8, and a batch rarely touches more.
+CORE_CACHE_SIZE = 32
 
 
 @dataclass(eq=False)
@@ -106,7 +110,7 @@ class AdapterRouting:
 class LoRABankLinear(nn.Module):
     """A frozen ``nn.Linear`` plus K LoRA adapters (ranks may differ)."""
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Linear, core_cache_size: int = CORE_CACHE_SIZE) -> None:
         super().__init__()
         self.base = base
         base.requires_grad_(False)
@@ -116,7 +120,8 @@ class LoRABankLinear(nn.Module):
         self.alphas: list[float] = []
         self.routing = AdapterRouting()
         self._version = 0  # bumped whenever adapters may have changed: invalidates core bases
-        self._core_cache: dict[tuple[int, ...], tuple[tuple, CoreBasis]] = {}
+        self._core_cache: OrderedDict[tuple[int, ...], tuple[tuple, CoreBasis]] = OrderedDict()
+        self.core_cache_size = core_cache_size
 
     # Some model code reads .weight / .bias of its Linears (dtype checks, tying).
     @property
@@ -134,6 +139,22 @@ class LoRABankLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+    @property
+    def core_cache_size(self) -> int:
+        """How many adapter sets' core bases are kept (LRU); 0 keeps none between forwards."""
+        return self._core_cache_size
+
+    @core_cache_size.setter
+    def core_cache_size(self, size: int) -> None:
+        if size < 0:
+            raise ValueError(f"core_cache_size must be >= 0, got {size}")
+        self._core_cache_size = int(size)
+        self._evict()
+
+    def _evict(self) -> None:
+        while len(self._core_cache) > self._core_cache_size:
+            self._core_cache.popitem(last=False)  # least recently used first
 
     @property
     def num_adapters(self) -> int:
@@ -274,12 +295,13 @@ class LoRABankLinear(nn.Module):
         return h * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])
 
     def _basis(self, members: tuple[int, ...]) -> CoreBasis:
-        """Core basis of an adapter set, cached until any of its adapters changes."""
+        """Core basis of an adapter set, cached (LRU) until any of its adapters changes."""
         params = [p for j in members for p in (self.lora_A[j], self.lora_B[j])]
         # Parameter _version counters catch in-place optimizer steps we are not told about.
         key = (self._version, params[0].device, params[0].dtype, tuple(p._version for p in params))
         hit = self._core_cache.get(members)
         if hit is not None and hit[0] == key:
+            self._core_cache.move_to_end(members)
             return hit[1]
         with torch.no_grad():
             basis = core_basis(
@@ -287,6 +309,8 @@ class LoRABankLinear(nn.Module):
                 [self.scales[j] * self.lora_B[j] for j in members],
             )
         self._core_cache[members] = (key, basis)
+        self._core_cache.move_to_end(members)
+        self._evict()
         return basis
 
     def _plan(self, r: AdapterRouting, batch: int, device: torch.device) -> list[tuple]:
@@ -347,7 +371,14 @@ class LoRABankLinear(nn.Module):
         adds w s B A x; a set merges in its core space, out += U (M_i (V x))."""
         bd = r.batch_dim
         plan = self._plan(r, x.shape[bd], x.device)
-        merged = self._merged_cores(plan, r)
+        # Each set's basis is looked up once per forward: with a cache smaller than the sets of
+        # one batch, a second lookup would rebuild it.
+        bases = {
+            g: self._basis(members)
+            for g, (members, _, _) in enumerate(plan)
+            if len(members) > 1 or r.rule_on_single
+        }
+        merged = self._merged_cores(plan, bases, r)
         for g, (members, rows, wg) in enumerate(plan):
             if isinstance(rows, slice) and bd != 0:  # a slice of a later dim is no plain view
                 rows = torch.arange(rows.start, rows.stop, device=x.device)
@@ -364,7 +395,7 @@ class LoRABankLinear(nn.Module):
                 h = F.linear(self.lora_dropout[j](xg), self.lora_A[j]) * scale
                 u = self.lora_B[j]
             else:
-                basis = self._basis(members)
+                basis = bases[g]
                 m = merged[g].to(x.dtype)  # (G, dU, dV)
                 z = F.linear(xg, basis.V.to(x.dtype))  # (G, ..., dV)
                 h = (z.reshape(z.shape[0], -1, z.shape[-1]) @ m.mT).reshape(*z.shape[:-1], -1)
@@ -375,7 +406,9 @@ class LoRABankLinear(nn.Module):
                 out.index_add_(bd, rows, F.linear(h, u).movedim(0, bd).to(out.dtype))
         return out
 
-    def _merged_cores(self, plan: list[tuple], r: AdapterRouting) -> dict[int, Tensor]:
+    def _merged_cores(
+        self, plan: list[tuple], bases: dict[int, CoreBasis], r: AdapterRouting
+    ) -> dict[int, Tensor]:
         """Each merging group's per-sample merged cores, {group: (G, dU, dV)}.
 
         Groups whose cores have one shape are merged by ONE rule call over all their samples
@@ -383,10 +416,9 @@ class LoRABankLinear(nn.Module):
         TSV an SVD per sample), so one call per layer instead of one per adapter set.
         """
         buckets: dict[tuple, list[tuple[int, Tensor, Tensor]]] = {}
-        for g, (members, _, wg) in enumerate(plan):
-            if len(members) > 1 or r.rule_on_single:
-                cores = self._basis(members).cores  # (k, dU, dV)
-                buckets.setdefault(tuple(cores.shape), []).append((g, cores, wg))
+        for g, basis in bases.items():
+            cores = basis.cores  # (k, dU, dV)
+            buckets.setdefault(tuple(cores.shape), []).append((g, cores, plan[g][2]))
         out: dict[int, Tensor] = {}
         for shape, items in buckets.items():
             cores = torch.cat([c.expand(len(w), *shape) for _, c, w in items])
