@@ -228,3 +228,19 @@ def test_prototypes_equal_a_hand_computation_on_a_tiny_backbone():
     with torch.no_grad():
         routed = F.normalize(backbone.encode_image(pixels), dim=-1)
     assert not torch.allclose(routed, images, atol=1e-3)  # the adapter does act when enabled
+
+
+def test_routing_accuracy_counts_own_bare_and_merged_items() -> None:
+    from cmrkit.routing import Route, routing_accuracy
+
+    image = Route(torch.tensor([[0, 1], [0, -1], [-1, -1], [1, -1]]), torch.rand(4, 2))
+    text = Route(torch.tensor([[1, 0], [1, 0]]), torch.rand(2, 2))
+    acc = routing_accuracy(image, text, adapter=0)
+    assert acc == {
+        "image": 50.0,
+        "text": 0.0,
+        "bare_image": 25.0,
+        "bare_text": 0.0,
+        "merged_image": 25.0,
+        "merged_text": 100.0,
+    }

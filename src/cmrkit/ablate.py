@@ -261,6 +261,8 @@ def _markdown(cfg: AblationConfig, run: RunSettings, rows: dict[str, dict]) -> s
         "T→I R@5",
         "I→T R@5",
         "routed own (img/txt)",
+        "merged (img/txt)",
+        "bare (img/txt)",
     ]
     head += [f"{p} top-1 (Δ)" for p in probes]
     lines = [
@@ -269,7 +271,8 @@ def _markdown(cfg: AblationConfig, run: RunSettings, rows: dict[str, dict]) -> s
         cfg.description.strip(),
         "",
         "Final average over tasks after the last task. *Routed own*: % of test images / captions "
-        "whose best adapter is their own task's (under the variant's strategy).",
+        "whose best adapter is their own task's (under the variant's strategy); *merged*: % "
+        "routed to two or more adapters; *bare*: % sent to the bare backbone (none route).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -281,13 +284,20 @@ def _markdown(cfg: AblationConfig, run: RunSettings, rows: dict[str, dict]) -> s
             name,
             ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "–",
             *(f"{f[d][k]:.1f}" for k in ("R@1", "R@5") for d in DIRECTIONS),
-            f"{acc['image']:.0f} / {acc['text']:.0f}" if acc else "–",
+            *(_pair(acc, key) for key in ("", "merged_", "bare_")),
         ]
         for p in probes:
             c = row["zeroshot_cls"].get(p)
             cells.append(f"{c['top1']:.1f} ({c['delta']:+.1f})" if c else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pair(accuracy: dict | None, prefix: str) -> str:
+    keys = (f"{prefix}image", f"{prefix}text")
+    if not accuracy or any(k not in accuracy for k in keys):
+        return "–"
+    return " / ".join(f"{accuracy[k]:.0f}" for k in keys)
 
 
 def _jsonable(obj):

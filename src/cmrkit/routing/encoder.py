@@ -267,17 +267,22 @@ def evaluate_routed(
 
 
 def routing_accuracy(image_route: Route, text_route: Route, adapter: int) -> dict[str, float]:
-    """Percent of images / captions whose best adapter is ``adapter`` (their own task's), and
-    percent sent to the bare backbone."""
+    """Percent of images / captions whose best adapter is ``adapter`` (their own task's),
+    percent sent to the bare backbone, and percent merged from two or more adapters."""
 
     def share(route: Route, value: int) -> float:
         return 100.0 * (route.top1 == value).double().mean().item()
+
+    def merged(route: Route) -> float:
+        return 100.0 * ((route.indices >= 0).sum(1) > 1).double().mean().item()
 
     return {
         "image": share(image_route, adapter),
         "text": share(text_route, adapter),
         "bare_image": share(image_route, -1),
         "bare_text": share(text_route, -1),
+        "merged_image": merged(image_route),
+        "merged_text": merged(text_route),
     }
 
 
