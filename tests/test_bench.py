@@ -18,6 +18,8 @@ SUITE = textwrap.dedent("""
     probes:
       classification:
         - {name: shapes, test: {synthetic: {style: flat, n: 16, seed: 21}}}
+        - {name: colours, test: {synthetic: {style: flat, n: 16, seed: 21, label: colour}},
+           templates: ["a {} shape."]}
       retrieval:
         - {name: dark, test: {synthetic: {style: dark, n: 12, seed: 22}}}
 """)
@@ -49,6 +51,7 @@ def test_results_schema_and_report(suite_yaml, tmp_path):
         assert set(record["metrics"]["final_avg"]["t2i"]) == {"R@1", "R@5"}
         assert record["recall_joint"]["t2i"]["R@1"][1][1] is not None
         assert len(record["zeroshot_cls"]["shapes"]["top1"]) == 3  # initial + after each task
+        assert len(record["zeroshot_cls"]["colours"]["top1"]) == 3
         assert len(record["probe_retrieval"]["dark"]["t2i"]["R@1"]) == 3
         assert len(record["timings"]["train_s"]) == 2
     zs = results["methods"]["zeroshot"]
@@ -91,3 +94,9 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert code == 2 and "no suite 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--out", str(tmp_path), "--order", "sideways"])
+
+
+def test_a_probe_keeps_its_own_prompt_templates(suite_yaml, tmp_path):
+    bench = bench_module.Bench(_config(suite_yaml, tmp_path / "run"))
+    assert bench.templates("colours") == ["a {} shape."]
+    assert bench.templates("shapes") == ["a photo of a {}."]  # the run's

@@ -5,6 +5,7 @@ from PIL import Image
 
 from cmrkit.data.dataset import DataError
 from cmrkit.data.suites import default_data_root, load_suite
+from cmrkit.data.synthetic import COLOURS
 
 
 def _imagefolder(folder, n, colour):
@@ -21,13 +22,15 @@ def test_custom_suite_yaml_with_relative_paths_and_seeded_split(tmp_path):
     _imagefolder(tmp_path / "data" / "a" / "test", 2, (255, 0, 0))
     _imagefolder(tmp_path / "data" / "b", 10, (0, 255, 0))
     yaml_path = tmp_path / "mine.yaml"
-    yaml_path.write_text(textwrap.dedent("""
+    yaml_path.write_text(
+        textwrap.dedent("""
         name: mine
         split: {test_size: 2, seed: 7}
         tasks:
           - {name: a, train: {imagefolder: a/train}, test: {imagefolder: a/test}}
           - {name: b, source: {imagefolder: b}}
-    """))
+    """)
+    )
     suite = load_suite(yaml_path, data_root=tmp_path / "data")
     assert [t.name for t in suite.tasks] == ["a", "b"]
     assert len(suite.load("a", "train")) == 3 and len(suite.load("a", "test")) == 2
@@ -66,3 +69,6 @@ def test_cmr_mini_suite_reads_real_data():
     photos = suite.load("photos", "test")
     assert len(photos) == 204 and photos.num_captions == 1020
     assert suite.classification_probes[0].name == "imagenet"
+    colours = suite.load("colours", "test")
+    assert set(colours.labels) <= set(COLOURS) and suite.task("colours").templates
+    assert suite.task("imagenet").templates is None  # the run's templates

@@ -108,6 +108,13 @@ def test_label_is_main_shape() -> None:
     pair = [syn.ShapeSpec("cross", "green", 0.1, "bottom", center=(c, 0.8)) for c in (0.4, 0.6)]
     assert syn.scene_label(syn.SceneSpec([big, *pair])) == "cross"
     assert syn.generate(1, "dark", 0)[0][2] in syn.SHAPES
+    assert syn.scene_label(syn.SceneSpec([big, *pair]), by="colour") == "green"
+    by_shape, by_colour = syn.generate(20, "flat", 3), syn.generate(20, "flat", 3, label="colour")
+    for (img_s, caps_s, _), (img_c, caps_c, colour) in zip(by_shape, by_colour, strict=True):
+        assert caps_s == caps_c and img_s.tobytes() == img_c.tobytes()  # same scenes
+        assert colour in syn.COLOURS and colour in " ".join(caps_c)
+    with pytest.raises(ValueError, match="label"):
+        syn.generate(1, "flat", 0, label="texture")
 
 
 def test_invalid_inputs() -> None:

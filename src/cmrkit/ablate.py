@@ -172,7 +172,8 @@ def _zeroshot(variant, bench: Bench, run: RunSettings) -> dict[str, dict[str, fl
     initial = bench.results["initial"]["zeroshot_cls"]
     out = {}
     for probe, ds in bench.cls_probes.items():
-        top1 = zeroshot_classify(variant, ds, _templates(run), run.eval_batch_size)["top1"]
+        templates = bench.suite.task(probe).templates or _templates(run)
+        top1 = zeroshot_classify(variant, ds, templates, run.eval_batch_size)["top1"]
         out[probe] = {"top1": top1, "delta": top1 - initial[probe]["top1"]}
     return out
 

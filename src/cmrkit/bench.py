@@ -150,7 +150,7 @@ class Bench:
     def _probe(self, encoder) -> dict:
         """Zero-shot classification and held-out retrieval: {kind: {probe: value}}."""
         cls = {
-            name: zeroshot_classify(encoder, ds, self.cfg.templates, self.cfg.eval_batch_size)
+            name: zeroshot_classify(encoder, ds, self.templates(name), self.cfg.eval_batch_size)
             for name, ds in self.cls_probes.items()
         }
         ret = {
@@ -158,6 +158,10 @@ class Bench:
             for name, ds in self.ret_probes.items()
         }
         return {"zeroshot_cls": cls, "probe_retrieval": ret}
+
+    def templates(self, probe: str) -> list[str]:
+        """A classification probe's own prompt templates, else the run's."""
+        return self.suite.task(probe).templates or self.cfg.templates
 
     # --- data and order -----------------------------------------------------------------------
     def _train_set(self, task: str, seed: int) -> ImageCaptionDataset:

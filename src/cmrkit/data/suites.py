@@ -56,7 +56,13 @@ class Source:
             from .synthetic import generate
 
             syn = self.spec["synthetic"]
-            rows = generate(int(syn["n"]), syn["style"], int(syn["seed"]), int(syn.get("size", 64)))
+            rows = generate(
+                int(syn["n"]),
+                syn["style"],
+                int(syn["seed"]),
+                int(syn.get("size", 64)),
+                syn.get("label", "shape"),
+            )
             images, captions, labels = zip(*rows, strict=True)
             return ImageCaptionDataset(name, list(images), list(captions), list(labels))
         raise DataError(f"task {name}: unknown source {self.spec} (imagefolder, hf or synthetic)")
@@ -68,6 +74,7 @@ class Task:
     train: Source | None = None
     test: Source | None = None
     source: Source | None = None  # one source split by the suite's seeded split
+    templates: list[str] | None = None  # a classification probe's own prompts (else the run's)
 
 
 @dataclass
@@ -160,4 +167,6 @@ def _task(cfg: dict) -> Task:
     def source(key: str) -> Source | None:
         return Source(cfg[key]) if key in cfg else None
 
-    return Task(cfg["name"], source("train"), source("test"), source("source"))
+    return Task(
+        cfg["name"], source("train"), source("test"), source("source"), cfg.get("templates")
+    )

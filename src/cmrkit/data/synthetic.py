@@ -30,6 +30,7 @@ __all__ = [
     "SHAPES",
     "STYLES",
     "TEXTURES",
+    "LABELS",
     "SceneSpec",
     "ShapeSpec",
     "captions",
@@ -68,6 +69,7 @@ SHAPES: tuple[str, ...] = (
     "hexagon",
 )
 TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted", "checkered")
+LABELS: tuple[str, ...] = ("shape", "colour")  # what a scene's class label names
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 
 _X = TypeVar("_X")
@@ -218,12 +220,15 @@ def sample_scene(rng: random.Random | np.random.Generator, max_objects: int = 3)
     return SceneSpec(tuple(shapes), seed=r.randint(0, 2**31 - 1))
 
 
-def scene_label(scene: SceneSpec) -> str:
-    """The main shape: that of the most numerous group, ties broken by object size."""
+def scene_label(scene: SceneSpec, by: str = "shape") -> str:
+    """The main shape (``by="colour"``: its colour): that of the most numerous group, ties
+    broken by object size."""
+    if by not in LABELS:
+        raise ValueError(f"label must be one of {LABELS}, not {by!r}")
     stats: dict[str, tuple[int, float]] = {}
     for s in scene.shapes:
-        n, area = stats.get(s.shape, (0, 0.0))
-        stats[s.shape] = (n + 1, max(area, s.size))
+        n, area = stats.get(getattr(s, by), (0, 0.0))
+        stats[getattr(s, by)] = (n + 1, max(area, s.size))
     return max(stats, key=lambda k: stats[k])
 
 
@@ -620,24 +625,26 @@ def captions(scene: SceneSpec, style: str, rng: random.Random | np.random.Genera
 
 
 def iter_samples(
-    n: int, style: str, seed: int, size: int = 64
+    n: int, style: str, seed: int, size: int = 64, label: str = "shape"
 ) -> Iterator[tuple[Image.Image, list[str], str]]:
     """Lazily yield ``generate``'s items. Item i depends only on (seed, style, i), so a
     shorter run is a prefix of a longer one and styles get independent scenes."""
     _check_style(style)
     if seed < 0:
         raise ValueError("seed must be >= 0")
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {LABELS}, not {label!r}")
     for i in range(n):
         rng = np.random.default_rng([seed, _STYLE_ID[style], i])
         scene = sample_scene(rng)
-        yield render(scene, style, size), captions(scene, style, rng), scene_label(scene)
+        yield render(scene, style, size), captions(scene, style, rng), scene_label(scene, label)
 
 
 def generate(
-    n: int, style: str, seed: int, size: int = 64
+    n: int, style: str, seed: int, size: int = 64, label: str = "shape"
 ) -> list[tuple[Image.Image, list[str], str]]:
-    """``n`` (image, captions, label) triples; label is the main shape's name."""
-    return list(iter_samples(n, style, seed, size))
+    """``n`` (image, captions, label) triples; label is the main shape's name or colour."""
+    return list(iter_samples(n, style, seed, size, label))
 
 
 def write_imagefolder(out_dir: Path, n: int, style: str, seed: int, size: int = 64) -> Path:
