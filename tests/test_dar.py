@@ -283,10 +283,15 @@ def test_ablation_reroutes_one_trained_bank(tmp_path):
     assert "| top1 | merge_rule=none |" in (tmp_path / "abl/ablation.md").read_text()
 
     # A finished training folder is reused untouched, and refused for other training settings.
+    # A probe the training run did not know (added to the suite later) gets its initial value.
     trained = tmp_path / "abl/train/results.json"
+    stored = json.loads(trained.read_text())
+    del stored["initial"]["zeroshot_cls"]["shapes"]
+    trained.write_text(json.dumps(stored))
     before = trained.read_bytes()
     shared = replace(run, out=tmp_path / "abl2", train_dir=tmp_path / "abl/train")
-    run_ablation(replace(cfg, variants={"top1": {"merge_rule": "none"}}), shared)
+    again = run_ablation(replace(cfg, variants={"bare": {"strategy": "none"}}), shared)["rows"]
+    assert again["bare"]["zeroshot_cls"]["shapes"]["delta"] == pytest.approx(0.0)
     assert trained.read_bytes() == before
     with pytest.raises(ValueError, match="other settings"):
         run_ablation(cfg, replace(shared, method_overrides={"dar": {"lr": 0.5}}))

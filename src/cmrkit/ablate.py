@@ -172,7 +172,10 @@ def _zeroshot(variant, bench: Bench, run: RunSettings) -> dict[str, dict[str, fl
     initial = bench.results["initial"]["zeroshot_cls"]
     out = {}
     for probe, ds in bench.cls_probes.items():
-        templates = bench.suite.task(probe).templates or _templates(run)
+        templates = bench.templates(probe)
+        if probe not in initial:  # a probe added to the suite after the training run
+            bare = bench._fresh_backbone()
+            initial[probe] = zeroshot_classify(bare, ds, templates, run.eval_batch_size)
         top1 = zeroshot_classify(variant, ds, templates, run.eval_batch_size)["top1"]
         out[probe] = {"top1": top1, "delta": top1 - initial[probe]["top1"]}
     return out
@@ -226,12 +229,6 @@ def _bench_config(
     if run.device:
         bench.device = run.device
     return bench
-
-
-def _templates(run: RunSettings) -> list[str]:
-    from .eval.zeroshot import DEFAULT_TEMPLATES
-
-    return list(run.templates or DEFAULT_TEMPLATES)
 
 
 # --- summaries -------------------------------------------------------------------------------
