@@ -304,16 +304,23 @@ def _plot_over_time(methods: dict, tasks: list[str], path: Path) -> Path:
 
 
 def _plot_average(methods: dict, tasks: list[str], path: Path) -> Path:
+    import matplotlib
     from matplotlib.figure import Figure
 
     T = len(tasks)
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     axes = fig.subplots(1, 2)
+    # tab20 and changing markers keep up to 20 methods apart (the default cycle repeats at 10).
+    colours = matplotlib.colormaps["tab20"].colors
     for ax, (d, long, short) in zip(axes, DIRECTIONS, strict=True):
-        for name, m in methods.items():
+        for i, (name, m) in enumerate(methods.items()):
             a = _array(_mat(m, "recall", d, "R@1"), T)
             ax.plot(
-                range(T), [_nan(_mean(a[t][: t + 1])) for t in range(T)], marker="o", label=name
+                range(T),
+                [_nan(_mean(a[t][: t + 1])) for t in range(T)],
+                marker="osD^v<>"[i % 7],
+                color=colours[(2 * i) % 20 + (2 * i) // 20 % 2],
+                label=name,
             )
         ax.set_title(f"{long}: mean R@1 over seen tasks")
         ax.set_xticks(range(T), tasks, rotation=45, ha="right", fontsize=7)
