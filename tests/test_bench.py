@@ -34,9 +34,15 @@ def suite_yaml(tmp_path):
 
 
 def _config(suite_yaml, out, **kw):
-    return BenchConfig(suite=str(suite_yaml), methods=["zeroshot", "finetune"], out=str(out),
-                       backbone="tiny-mini", train_overrides=dict(TRAIN),
-                       templates=["a photo of a {}."], **kw)
+    return BenchConfig(
+        suite=str(suite_yaml),
+        methods=["zeroshot", "finetune"],
+        out=str(out),
+        backbone="tiny-mini",
+        train_overrides=dict(TRAIN),
+        templates=["a photo of a {}."],
+        **kw,
+    )
 
 
 def test_results_schema_and_report(suite_yaml, tmp_path):

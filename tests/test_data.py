@@ -16,10 +16,18 @@ def _folder(tmp_path, rows, images=("a.png", "b.png")):
 
 
 def test_imagefolder_reads_captions_labels_and_ids(tmp_path):
-    folder = _folder(tmp_path, [
-        {"file_name": "a.png", "captions": ["a red square", " "], "label": "sq", "source_id": "x"},
-        {"file_name": "b.png", "caption": "one caption"},
-    ])
+    folder = _folder(
+        tmp_path,
+        [
+            {
+                "file_name": "a.png",
+                "captions": ["a red square", " "],
+                "label": "sq",
+                "source_id": "x",
+            },
+            {"file_name": "b.png", "caption": "one caption"},
+        ],
+    )
     ds = load_imagefolder(folder, name="t")
     assert len(ds) == 2 and ds.num_captions == 2
     assert ds.captions == [["a red square"], ["one caption"]]
@@ -43,11 +51,14 @@ def test_bad_rows_name_file_and_line(tmp_path, row, message):
 
 
 def test_unreadable_image_is_reported_and_skippable(tmp_path):
-    folder = _folder(tmp_path, [
-        {"file_name": "a.png", "captions": ["fine"]},
-        {"file_name": "broken.jpg", "captions": ["broken"]},
-        {"file_name": "gone.png", "captions": ["gone"]},
-    ])
+    folder = _folder(
+        tmp_path,
+        [
+            {"file_name": "a.png", "captions": ["fine"]},
+            {"file_name": "broken.jpg", "captions": ["broken"]},
+            {"file_name": "gone.png", "captions": ["gone"]},
+        ],
+    )
     (folder / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(DataError, match="metadata.jsonl:2: unreadable image"):
         load_imagefolder(folder)
@@ -60,8 +71,15 @@ def test_data_check_matches_manifest_hashes(tmp_path):
     (tmp_path / "dom" / "test").mkdir(parents=True)
     split = _folder(tmp_path / "dom" / "test", [{"file_name": "a.png", "captions": ["x", "y"]}])
     found = check_path(split)["splits"][str(split)]
-    manifest = {"domains": {"dom": {"splits": {"test": {
-        "items": 1, "captions": 2, "images_sha256": found["images_sha256"]}}}}}
+    manifest = {
+        "domains": {
+            "dom": {
+                "splits": {
+                    "test": {"items": 1, "captions": 2, "images_sha256": found["images_sha256"]}
+                }
+            }
+        }
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert check_path(tmp_path)["ok"]
     manifest["domains"]["dom"]["splits"]["test"]["captions"] = 3
@@ -76,8 +94,13 @@ def test_hf_dataset_from_local_stand_in(tmp_path):
     images = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
     ds = datasets.Dataset.from_dict(
         {"image": images, "text": ["red", "blue"], "cls": [0, 1]},
-        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
-                                    "cls": datasets.Value("int64")}),
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "text": datasets.Value("string"),
+                "cls": datasets.Value("int64"),
+            }
+        ),
     )
     ds.save_to_disk(tmp_path / "hf")
     loaded = load_hf_dataset(str(tmp_path / "hf"), caption_column="text", label_column="cls")

@@ -11,9 +11,16 @@ ROOT = default_data_root()
 @pytest.mark.skipif(ROOT is None or not (ROOT / "cmr-base").is_dir(), reason="no cmr-base")
 def test_pretraining_is_bit_for_bit_reproducible(tmp_path):
     def build(name, seed=0):
-        cfg = PretrainConfig(data_root=str(ROOT), out=str(tmp_path / name), steps=2,
-                             batch_size=8, synthetic_per_style=2, base_items_per_source=6,
-                             warmup_steps=1, seed=seed)
+        cfg = PretrainConfig(
+            data_root=str(ROOT),
+            out=str(tmp_path / name),
+            steps=2,
+            batch_size=8,
+            synthetic_per_style=2,
+            base_items_per_source=6,
+            warmup_steps=1,
+            seed=seed,
+        )
         return pretrain(cfg)
 
     a, b, c = build("a.safetensors"), build("b.safetensors"), build("c.safetensors", seed=1)

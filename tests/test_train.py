@@ -30,8 +30,9 @@ def _train(seed: int, steps: int = 3):
     torch.manual_seed(123)  # same initial weights
     method = build_method("finetune", load_backbone("tiny-mini"))
     ds = load_suite("synthetic").load("flat", "test").subset(list(range(32)))
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_epochs=0, seed=seed,
-                      max_steps=steps, progress=False)
+    cfg = TrainConfig(
+        epochs=2, batch_size=8, lr=1e-3, warmup_epochs=0, seed=seed, max_steps=steps, progress=False
+    )
     stats = train_task(method, ds, cfg, task_index=0)
     return method, stats
 

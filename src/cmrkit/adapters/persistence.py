@@ -262,7 +262,6 @@ def import_peft(folder: str | Path, bank: LoRABank) -> int:
     return idx
 
 
-
 def _check_peft_config(config: Mapping[str, Any], path: Path) -> None:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, not 'LORA'")

@@ -23,8 +23,11 @@ class OpenCLIPDualEncoder(DualEncoder):
         visual = model.visual
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
-        self.embed_dim = int(model.text_projection.shape[1] if hasattr(model, "text_projection")
-                             and model.text_projection is not None else visual.output_dim)
+        self.embed_dim = int(
+            model.text_projection.shape[1]
+            if hasattr(model, "text_projection") and model.text_projection is not None
+            else visual.output_dim
+        )
         mean = getattr(visual, "image_mean", None)
         if mean:
             self.image_mean, self.image_std = tuple(mean), tuple(visual.image_std)
