@@ -169,14 +169,10 @@ def _zeroshot(variant, bench: Bench, run: RunSettings) -> dict[str, dict[str, fl
     strategy = variant.config.strategy
     if strategy not in ITEM_STRATEGIES or strategy == "oracle":
         return {}
-    initial = bench.results["initial"]["zeroshot_cls"]
+    initial = bench.initial()["zeroshot_cls"]
     out = {}
     for probe, ds in bench.cls_probes.items():
-        templates = bench.templates(probe)
-        if probe not in initial:  # a probe added to the suite after the training run
-            bare = bench._fresh_backbone()
-            initial[probe] = zeroshot_classify(bare, ds, templates, run.eval_batch_size)
-        top1 = zeroshot_classify(variant, ds, templates, run.eval_batch_size)["top1"]
+        top1 = zeroshot_classify(variant, ds, bench.templates(probe), run.eval_batch_size)["top1"]
         out[probe] = {"top1": top1, "delta": top1 - initial[probe]["top1"]}
     return out
 

@@ -78,7 +78,7 @@ class Bench:
             environment=_environment(self.cfg.device),
         )
         self.results.setdefault("methods", {})
-        self.results["initial"] = self.results.get("initial") or self._probe(self._fresh_backbone())
+        self.initial()
         for name in self.cfg.methods:
             self._run_method(name, tasks)
         self.results["wall_s"] = self.results.get("wall_s", 0.0) + time.time() - started
@@ -158,6 +158,15 @@ class Bench:
             for name, ds in self.ret_probes.items()
         }
         return {"zeroshot_cls": cls, "probe_retrieval": ret}
+
+    def initial(self) -> dict:
+        """The pretrained backbone's probe values, computed once (again when the suite's probes
+        changed since, e.g. a probe added after a run being resumed or reused)."""
+        known = self.results.get("initial")
+        probes = (set(self.cls_probes), set(self.ret_probes))
+        if not known or (set(known["zeroshot_cls"]), set(known["probe_retrieval"])) != probes:
+            self.results["initial"] = self._probe(self._fresh_backbone())
+        return self.results["initial"]
 
     def templates(self, probe: str) -> list[str]:
         """A classification probe's own prompt templates, else the run's."""

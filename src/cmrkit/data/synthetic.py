@@ -227,8 +227,9 @@ def scene_label(scene: SceneSpec, by: str = "shape") -> str:
         raise ValueError(f"label must be one of {LABELS}, not {by!r}")
     stats: dict[str, tuple[int, float]] = {}
     for s in scene.shapes:
-        n, area = stats.get(getattr(s, by), (0, 0.0))
-        stats[getattr(s, by)] = (n + 1, max(area, s.size))
+        key = getattr(s, by)
+        n, area = stats.get(key, (0, 0.0))
+        stats[key] = (n + 1, max(area, s.size))
     return max(stats, key=lambda k: stats[k])
 
 

@@ -310,8 +310,10 @@ def _plot_average(methods: dict, tasks: list[str], path: Path) -> Path:
     T = len(tasks)
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     axes = fig.subplots(1, 2)
-    # tab20 and changing markers keep up to 20 methods apart (the default cycle repeats at 10).
-    colours = matplotlib.colormaps["tab20"].colors
+    # tab20's dark shades, then its light ones, and changing markers keep up to 20 methods
+    # apart (the default cycle repeats at 10).
+    tab20 = matplotlib.colormaps["tab20"].colors
+    colours = tab20[0::2] + tab20[1::2]
     for ax, (d, long, short) in zip(axes, DIRECTIONS, strict=True):
         for i, (name, m) in enumerate(methods.items()):
             a = _array(_mat(m, "recall", d, "R@1"), T)
@@ -319,7 +321,7 @@ def _plot_average(methods: dict, tasks: list[str], path: Path) -> Path:
                 range(T),
                 [_nan(_mean(a[t][: t + 1])) for t in range(T)],
                 marker="osD^v<>"[i % 7],
-                color=colours[(2 * i) % 20 + (2 * i) // 20 % 2],
+                color=colours[i % len(colours)],
                 label=name,
             )
         ax.set_title(f"{long}: mean R@1 over seen tasks")
