@@ -35,6 +35,7 @@ import yaml
 
 from .backbones import load_backbone
 from .bench import Bench, BenchConfig, method_config, run_bench
+from .data.suites import CONFIG_DIR
 from .eval.zeroshot import zeroshot_classify
 from .methods import build_method
 from .routing import ITEM_STRATEGIES, evaluate_routed, routing_accuracy, routing_features
@@ -72,6 +73,10 @@ class RunSettings:
 
 
 def load_ablation(path: str | Path) -> AblationConfig:
+    """An ablation by packaged name (``merge``, ``routing``, ...) or by the path of a YAML."""
+    packaged = CONFIG_DIR / "ablations" / f"{path}.yaml"
+    if not Path(path).exists() and packaged.exists():
+        path = packaged
     raw = yaml.safe_load(Path(path).read_text())
     try:
         cfg = AblationConfig(**raw)
@@ -308,7 +313,11 @@ def register(sub) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="ablation YAML (configs/ablations/*.yaml)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a packaged ablation (rank, routing, merge, adaptive, none_route) or a YAML path",
+    )
     p.add_argument("--out", required=True, help="output folder (ablation.md, ablation.json)")
     p.add_argument("--train-dir", help="where the shared DAR run lives (default OUT/train)")
     p.add_argument("--suite", help="override the YAML's suite")

@@ -248,7 +248,9 @@ def method_config(
     values), then the run's overrides, then this method's own overrides (``--set finetune.lr=…``:
     keys naming a training setting go to training, the rest are method options)."""
     path = CONFIG_DIR / "methods" / f"{name}.yaml"
-    defaults = yaml.safe_load(path.read_text()) if path.exists() else {}
+    if not path.exists():  # a silent fall-back to TrainConfig defaults would misreport the paper
+        raise ValueError(f"method {name!r}: no config {path}")
+    defaults = yaml.safe_load(path.read_text()) or {}
     known = {f.name for f in fields(TrainConfig)}
     own = options or {}
     train = {

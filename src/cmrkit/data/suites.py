@@ -12,6 +12,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -19,8 +20,9 @@ import yaml
 from ..utils import write_json
 from .dataset import DataError, ImageCaptionDataset, load_hf_dataset, load_imagefolder
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CONFIG_DIR = REPO_ROOT / "configs"
+# Suites, method and ablation configs ship inside the package, so an installed wheel has them.
+CONFIG_DIR = Path(str(resources.files("cmrkit") / "configs"))
+REPO_ROOT = Path(__file__).resolve().parents[3]  # a source checkout; only for the data default
 
 
 def default_data_root() -> Path | None:
