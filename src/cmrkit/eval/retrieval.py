@@ -190,25 +190,28 @@ def _ranks_i2t(
     return ranks
 
 
-def _recall(ranks: Tensor, ks: Sequence[int]) -> dict[str, float]:
+def recall_from_ranks(ranks: Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """Recall@K in percent from 0-based per-query ranks: the mean of the hit vector ``ranks < K``."""
     if len(ranks) == 0:
         return {f"R@{k}": float("nan") for k in ks}
     return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
 
 
-def joint_recall(
+QueryRanks = dict[str, Tensor]  # {"t2i": rank of each caption query, "i2t": of each image query}
+
+
+def joint_ranks(
     image_embs: Sequence[Tensor],
     text_embs: Sequence[Tensor],
     text_to_image: Sequence[Tensor],
-    ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
-) -> list[Recall]:
-    """Per-task recall against one joint gallery made of all the given tasks.
+) -> list[QueryRanks]:
+    """Per task, the 0-based rank of every query's first hit against one joint gallery made of
+    all the given tasks (the per-query view of :func:`joint_recall`: recall = mean(rank < K)).
 
     Task ``s``'s captions query all images of all tasks (t2i); task ``s``'s images query all
-    captions of all tasks (i2t). ``text_to_image[s]`` indexes into ``image_embs[s]``. Returns
-    one ``{"t2i": {"R@k": %}, "i2t": {...}}`` per task, in input order. Images without any
-    caption are left out of the image→text queries (they could never be hit).
+    captions of all tasks (i2t). ``text_to_image[s]`` indexes into ``image_embs[s]``. Images
+    without any caption are left out of the image→text queries (they could never be hit).
     """
     if not (len(image_embs) == len(text_embs) == len(text_to_image)):
         raise ValueError("joint_recall: image_embs, text_embs, text_to_image differ in length")
@@ -222,7 +225,7 @@ def joint_recall(
     )
     if len(owner) != len(gal_txt):
         raise ValueError("joint_recall: text_to_image and text_embs differ in length")
-    results: list[Recall] = []
+    results: list[QueryRanks] = []
     for s, (im, tx, t2i) in enumerate(zip(image_embs, text_embs, text_to_image, strict=True)):
         off = offsets[s]
         t_ranks = _ranks_t2i(tx.to(gal_img), gal_img, t2i.long() + off, chunk_size)
@@ -232,8 +235,23 @@ def joint_recall(
         i_ranks = _ranks_i2t(
             im.to(gal_img)[ids.to(gal_img.device)], ids + off, gal_txt, owner, chunk_size
         )
-        results.append({"t2i": _recall(t_ranks, ks), "i2t": _recall(i_ranks, ks)})
+        results.append({"t2i": t_ranks, "i2t": i_ranks})
     return results
+
+
+def joint_recall(
+    image_embs: Sequence[Tensor],
+    text_embs: Sequence[Tensor],
+    text_to_image: Sequence[Tensor],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> list[Recall]:
+    """Per-task recall against one joint gallery made of all the given tasks (see
+    :func:`joint_ranks`): one ``{"t2i": {"R@k": %}, "i2t": {...}}`` per task, in input order."""
+    return [
+        {d: recall_from_ranks(r, ks) for d, r in ranks.items()}
+        for ranks in joint_ranks(image_embs, text_embs, text_to_image, chunk_size)
+    ]
 
 
 def recall_at_k(

@@ -34,14 +34,15 @@ def class_embeddings(
     return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
 
 
-def zeroshot_classify(
+def classification_ranks(
     encoder: Encoder,
     ds: Any,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     batch_size: int = 256,
     progress: bool | None = None,
-) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) over the labelled images of ``ds``.
+) -> Tensor:
+    """0-based rank of the true class for every labelled image of ``ds`` (top-K accuracy is
+    the mean of ``rank < K``).
 
     Classes are the sorted unique non-None ``ds.labels``; images whose label is None are
     skipped. Ties in cosine score go to the class that sorts first.
@@ -58,5 +59,20 @@ def zeroshot_classify(
     s = img @ cls.T
     st = s.gather(1, target[:, None])
     cols = torch.arange(len(classes))
-    rank = (s > st).sum(1) + ((s == st) & (cols[None] < target[:, None])).sum(1)
-    return {f"top{k}": 100.0 * (rank < k).double().mean().item() for k in (1, 5)}
+    return (s > st).sum(1) + ((s == st) & (cols[None] < target[:, None])).sum(1)
+
+
+def accuracy_from_ranks(ranks: Tensor) -> dict[str, float]:
+    return {f"top{k}": 100.0 * (ranks < k).double().mean().item() for k in (1, 5)}
+
+
+def zeroshot_classify(
+    encoder: Encoder,
+    ds: Any,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) over the labelled images of ``ds`` (see
+    :func:`classification_ranks`)."""
+    return accuracy_from_ranks(classification_ranks(encoder, ds, templates, batch_size, progress))
