@@ -191,7 +191,7 @@ def _ranks_i2t(
 
 
 def recall_from_ranks(ranks: Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """Recall@K in percent from 0-based per-query ranks: the mean of the hit vector ``ranks < K``."""
+    """Recall@K in percent from 0-based per-query ranks: the mean of the hit vector rank < K."""
     if len(ranks) == 0:
         return {f"R@{k}": float("nan") for k in ks}
     return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
