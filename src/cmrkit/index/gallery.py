@@ -355,14 +355,21 @@ class GalleryIndex:
             self._gpu_index.add(self.embeddings)
         return self._gpu_index
 
-    def search(self, query: Tensor | np.ndarray, k: int = 10) -> tuple[list[list[str]], np.ndarray]:
-        """Top-``k`` ids and cosine scores per query row (a 1-D query is one row)."""
+    def search(
+        self, query: Tensor | np.ndarray, k: int = 10, rows: np.ndarray | None = None
+    ) -> tuple[list[list[str]], np.ndarray]:
+        """Top-``k`` ids and cosine scores per query row (a 1-D query is one row). ``rows``: search
+        only these rows (a FAISS ID selector on the flat index: a pre-filter, exact top-k)."""
         q = _normalised(np.atleast_2d(np.asarray(torch.as_tensor(query).float().cpu())), self.dim)
-        k = min(int(k), len(self))
+        k = min(int(k), len(self) if rows is None else len(rows))
         if k <= 0:
             return [[] for _ in range(len(q))], np.zeros((len(q), 0), dtype=np.float32)
-        index = self._search_index()
-        scores, labels = index.search(q, k)
+        index = self._search_index() if rows is None else self._cpu
+        if rows is None:
+            scores, labels = index.search(q, k)
+        else:
+            selector = faiss.IDSelectorBatch(self.keys[np.asarray(rows, dtype=np.int64)])
+            scores, labels = index.search(q, k, params=faiss.SearchParameters(sel=selector))
         row = (lambda label: label) if index is not self._cpu else self._key_row.__getitem__
         ids = [[self.ids[row(int(lab))] for lab in labs if lab >= 0] for labs in labels]
         return ids, scores
@@ -447,6 +454,7 @@ class GalleryIndex:
         encoder: RoutedEncoder,
         load_image: Callable[[int], Image.Image] | None = None,
         batch_size: int = 64,
+        progress: Callable[[int, int], None] | None = None,
     ) -> UpdateStats:
         """Bring the index up to the encoder's adapter bank, re-embedding only what changed.
 
@@ -456,6 +464,7 @@ class GalleryIndex:
         for merged items, when the merge rule changed. ``load_image(row)`` defaults to opening
         the stored source path. Nothing is written: ``save`` the index afterwards (a failed
         update leaves the saved index as it was; running update again finishes the job).
+        ``progress(done, total)`` is called after each re-embedded batch.
         """
         t0 = time.perf_counter()
         fp = bank_fingerprint(encoder)
@@ -493,6 +502,8 @@ class GalleryIndex:
             sub = _subset_route(route, torch.from_numpy(rows))
             emb = _encode_sorted(encoder, pixels, sub)
             self.replace_embeddings(rows, emb, new_idx[rows], new_w[rows])
+            if progress is not None:  # (re-embedded so far, to re-embed)
+                progress(start + len(rows), len(todo))
         self.fingerprint = fp
         return UpdateStats(
             total=len(self),
