@@ -45,3 +45,14 @@ def test_summarize_shape():
         for v in per_dir.values():
             assert set(v) == {"R@1", "R@5"}
     assert out["bwt"]["i2t"]["R@5"] == pytest.approx(-9.0)
+
+
+def test_stacked_matrices_give_each_matrix_its_own_metric():
+    import numpy as np
+
+    from cmrkit.eval.metrics import METRICS, as_array
+
+    other = [[10.0, None, None], [20.0, 30.0, None], [5.0, 25.0, 40.0]]
+    stack = np.stack([as_array(R), as_array(other)])
+    for fn in METRICS.values():
+        assert fn(stack) == pytest.approx([fn(R), fn(other)])

@@ -9,60 +9,77 @@
 * forgetting         ``mean_{s<T-1} (max_{t ∈ [s, T-2]} R[t][s] − R[T-1][s])`` — the standard
   definition (Chaudhry et al. 2018): the best earlier value, excluding the final row itself.
 
-Every function returns None where the metric is undefined (BWT and forgetting for T=1) or a cell
-it needs is missing (partial results).
+Every function takes a list-of-lists matrix (None for a missing cell) and returns a float, or
+None where the metric is undefined (BWT and forgetting for T=1) or a cell it needs is missing
+(partial results). It also takes a stack of matrices, an array ``[..., T, T]`` with NaN for
+missing cells, and returns an array ``[...]``: the bootstrap evaluates every replicate at once
+through the same definitions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
 
 Matrix = Sequence[Sequence[float | None]]
 SUMMARY_KS: tuple[str, ...] = ("R@1", "R@5")
 
 
-def _mean(xs: Sequence[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals and len(vals) == len(xs) else None
-
-
-def _cell(R: Matrix, t: int, s: int) -> float | None:
-    return R[t][s] if t < len(R) and s < len(R[t]) else None
-
-
-def final_average(R: Matrix) -> float | None:
+def as_array(R: Matrix | np.ndarray) -> np.ndarray:
+    """A square float array (NaN where a cell is None or absent); arrays pass through."""
+    if isinstance(R, np.ndarray):
+        return R.astype(float, copy=False)
     T = len(R)
-    return _mean([_cell(R, T - 1, s) for s in range(T)]) if T else None
+    a = np.full((T, T), np.nan)
+    for t, row in enumerate(R):
+        for s, x in enumerate(list(row or [])[:T]):
+            if x is not None:
+                a[t, s] = x
+    return a
 
 
-def average_incremental(R: Matrix) -> float | None:
-    T = len(R)
-    rows = [_mean([_cell(R, t, s) for s in range(t + 1)]) for t in range(T)]
-    return _mean(rows) if T else None
+def _metric(fn: Callable[[np.ndarray], np.ndarray]) -> Callable:
+    def wrapped(R):
+        a = as_array(R)
+        if a.shape[-1] == 0:
+            return None if a.ndim == 2 else np.full(a.shape[:-2], np.nan)
+        out = fn(a)
+        if a.ndim > 2:
+            return out
+        return None if np.isnan(out) else float(out)
+
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
 
 
-def backward_transfer(R: Matrix) -> float | None:
-    T = len(R)
+@_metric
+def final_average(a: np.ndarray) -> np.ndarray:
+    return a[..., -1, :].mean(-1)
+
+
+@_metric
+def average_incremental(a: np.ndarray) -> np.ndarray:
+    T = a.shape[-1]
+    return np.stack([a[..., t, : t + 1].mean(-1) for t in range(T)], -1).mean(-1)
+
+
+@_metric
+def backward_transfer(a: np.ndarray) -> np.ndarray:
+    T = a.shape[-1]
     if T < 2:
-        return None
-    diffs: list[float | None] = []
-    for s in range(T - 1):
-        last, own = _cell(R, T - 1, s), _cell(R, s, s)
-        diffs.append(None if last is None or own is None else last - own)
-    return _mean(diffs)
+        return np.full(a.shape[:-2], np.nan)
+    own = np.diagonal(a, axis1=-2, axis2=-1)[..., :-1]
+    return (a[..., -1, :-1] - own).mean(-1)
 
 
-def forgetting(R: Matrix) -> float | None:
-    T = len(R)
+@_metric
+def forgetting(a: np.ndarray) -> np.ndarray:
+    T = a.shape[-1]
     if T < 2:
-        return None
-    drops: list[float | None] = []
-    for s in range(T - 1):
-        hist = [_cell(R, t, s) for t in range(s, T - 1)]
-        last = _cell(R, T - 1, s)
-        vals = [h for h in hist if h is not None]
-        drops.append(None if last is None or len(vals) < len(hist) else max(vals) - last)
-    return _mean(drops)
+        return np.full(a.shape[:-2], np.nan)
+    drops = [a[..., s : T - 1, s].max(-1) - a[..., -1, s] for s in range(T - 1)]
+    return np.stack(drops, -1).mean(-1)
 
 
 METRICS = {
