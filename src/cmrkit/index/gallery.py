@@ -243,6 +243,7 @@ class GalleryIndex:
         self.fingerprint: dict = {"num_adapters": 0, "hash": "", "adapters": [], "names": []}
         self.meta: dict = {}
         self._next_key = 0
+        self.version: str | None = None  # the saved version this index was loaded as or saved to
         self._row_of: dict[str, int] = {}
         self._key_row: dict[int, int] = {}
         self._cpu = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
@@ -542,6 +543,7 @@ class GalleryIndex:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _write_pointer(root, name)  # the commit point
+        self.version = name
         _remove_stale(root, keep=name)
         return root / name
 
@@ -560,6 +562,7 @@ class GalleryIndex:
         index.ids, index.paths, index.captions = meta["ids"], meta["paths"], meta["captions"]
         index.fingerprint, index.meta = meta["fingerprint"], meta["meta"]
         index._next_key = meta["next_key"]
+        index.version = name
         for field_name in ("keys", "route_indices", "route_weights", "features", "embeddings"):
             setattr(index, field_name, arrays[field_name])
         if not (len(index.ids) == len(index.keys) == len(index.embeddings)):
