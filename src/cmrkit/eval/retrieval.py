@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..train.distributed import shard_map
+
 Recall = dict[str, dict[str, float]]
 
 
@@ -99,8 +101,15 @@ def embed_images(
     indices: Sequence[int] | None = None,
     progress: bool | None = None,
 ) -> Tensor:
-    """L2-normalised float32 CPU image embeddings [N,d] of ``ds`` (or of ``indices`` of it)."""
+    """L2-normalised float32 CPU image embeddings [N,d] of ``ds`` (or of ``indices`` of it);
+    under torchrun each rank embeds a shard and every rank gets all rows."""
     idx = list(range(len(ds))) if indices is None else list(indices)
+    if not idx:
+        raise ValueError("embed_images: no images to embed")
+    return shard_map(idx, lambda part: _embed_images(encoder, ds, part, batch_size, progress))
+
+
+def _embed_images(encoder, ds, idx, batch_size, progress) -> Tensor:
     device = _device_of(encoder)
     out: list[Tensor] = []
     with (
@@ -112,8 +121,6 @@ def embed_images(
             pixels = torch.stack([encoder.image_transform(ds.load_image(i)) for i in chunk])
             out.append(_finish(encoder.encode_image(pixels.to(device))))
             bar.update(len(chunk))
-    if not out:
-        raise ValueError("embed_images: no images to embed")
     return torch.cat(out)
 
 
@@ -121,7 +128,13 @@ def embed_images(
 def embed_texts(
     encoder: Encoder, texts: Sequence[str], batch_size: int = 256, progress: bool | None = None
 ) -> Tensor:
-    """L2-normalised float32 CPU text embeddings [M,d]."""
+    """L2-normalised float32 CPU text embeddings [M,d]; sharded across ranks under torchrun."""
+    if not texts:
+        raise ValueError("embed_texts: no texts to embed")
+    return shard_map(list(texts), lambda part: _embed_texts(encoder, part, batch_size, progress))
+
+
+def _embed_texts(encoder, texts, batch_size, progress) -> Tensor:
     device = _device_of(encoder)
     out: list[Tensor] = []
     with _eval_mode(encoder), _progress(len(texts), "texts", progress) as bar:
@@ -130,8 +143,6 @@ def embed_texts(
             tokens = {k: v.to(device) for k, v in encoder.tokenize(chunk).items()}
             out.append(_finish(encoder.encode_text(tokens)))
             bar.update(len(chunk))
-    if not out:
-        raise ValueError("embed_texts: no texts to embed")
     return torch.cat(out)
 
 

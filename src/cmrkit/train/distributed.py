@@ -107,9 +107,9 @@ def gathering() -> bool:
 def gather_with_grad(x: Tensor) -> Tensor:
     """All ranks' ``x`` concatenated along dim 0, in rank order; gradients flow back to each rank's
     own rows (summed over the ranks that used them)."""
-    import torch.distributed.nn as dist_nn
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+    return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
 
 
 # --- reductions ---------------------------------------------------------------------------------
@@ -199,7 +199,6 @@ def training_step(method: Any, params: Sequence[nn.Parameter]) -> Callable[..., 
     return nn.parallel.DistributedDataParallel(
         _TrainingStep(method, params),
         device_ids=[device] if device.type == "cuda" else None,
-        broadcast_buffers=False,
         find_unused_parameters=True,
     )
 
@@ -212,3 +211,20 @@ def no_sync(step: Any, sync: bool) -> Iterator[None]:
     else:
         with step.no_sync():
             yield
+
+
+# --- data ---------------------------------------------------------------------------------------
+def sampler(dataset: Any, seed: int, shuffle: bool) -> Any:
+    """Under a process group, each rank's share of one seeded permutation (torch's
+    ``DistributedSampler``, padded so all ranks see as many batches); None otherwise."""
+    if not is_active():
+        return None
+    from torch.utils.data.distributed import DistributedSampler
+
+    return DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """Reshuffle a distributed loader for ``epoch`` (the same permutation on every rank)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.dataset import ImageCaptionDataset
-from ..utils import flush_denormals, seed_everything
+from ..utils import NonFiniteError, flush_denormals, seed_everything
+from . import distributed
 
 
 @dataclass
@@ -35,6 +36,56 @@ class TrainConfig:
     num_workers: int = 0
     max_steps: int | None = None  # cap on optimizer steps per task (smoke runs)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, check_train_setting(f.name, getattr(self, f.name)))
+
+
+# type, None allowed, lower bound, bound excluded: a bad value fails before any training step
+_SETTING_RULES = {
+    "epochs": (float, False, 0, True),
+    "batch_size": (int, False, 1, False),
+    "lr": (float, False, 0, False),
+    "weight_decay": (float, False, 0, False),
+    "warmup_epochs": (float, False, 0, False),
+    "grad_accum": (int, False, 1, False),
+    "max_grad_norm": (float, True, 0, True),
+    "amp": (bool, False, None, False),
+    "seed": (int, False, 0, False),
+    "num_workers": (int, False, 0, False),
+    "max_steps": (int, True, 1, False),
+    "progress": (bool, False, None, False),
+}
+
+
+def check_train_setting(name: str, value):
+    """``value`` as training setting ``name`` takes it, or a ValueError saying why not."""
+    if name not in _SETTING_RULES:
+        return value
+    kind, optional, low, exclusive = _SETTING_RULES[name]
+    if value is None and optional:
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, str) and kind is float:  # YAML 1.1 reads "1e-5" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if kind is int:
+        if value != int(value):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        value = int(value)
+    if value < low or (exclusive and value == low):
+        raise ValueError(f"{name} must be {'>' if exclusive else '>='} {low}, got {value!r}")
+    return kind(value)
 
 
 class PairDataset(Dataset):
@@ -67,15 +118,28 @@ def make_loader(ds: ImageCaptionDataset, backbone, cfg: TrainConfig, seed: int, 
         return pixels, backbone.tokenize(captions), captions
 
     gen = torch.Generator().manual_seed(seed)
+    sampler = distributed.sampler(pairs, seed, shuffle=train)  # None in one process
     return DataLoader(
         pairs,
         batch_size=cfg.batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=False,
         collate_fn=collate,
         generator=gen,
         num_workers=cfg.num_workers,
     )
+
+
+def _check_loss(terms: dict, method, ds, task_index: int, step: int) -> None:
+    """A NaN or infinite loss stops the method: no number may come from a broken model."""
+    values = {k: float(v) for k, v in terms.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        shown = ", ".join(f"{k} {v:g}" for k, v in values.items())
+        raise NonFiniteError(
+            f"method {method.name}: non-finite loss ({shown}) in task {task_index + 1} "
+            f"({ds.name}) at step {step + 1}"
+        )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -96,7 +160,7 @@ def train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: in
 
 def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: int) -> dict:
     task_seed = cfg.seed * 1000 + task_index
-    seed_everything(task_seed)
+    seed_everything(distributed.rank_seed(task_seed))  # dropout differs per rank
     backbone = method.backbone
     device = backbone.device
     loader = make_loader(ds, backbone, cfg, task_seed)
@@ -111,6 +175,7 @@ def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: i
     warmup = int(cfg.warmup_epochs * steps_per_epoch) if cfg.epochs > cfg.warmup_epochs else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
     use_amp = cfg.amp and device.type == "cuda"
+    training_loss = distributed.training_step(method, params)  # DDP-wrapped under torchrun
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     method.train_mode(True)
@@ -126,15 +191,19 @@ def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: i
     epoch = 0
     while step < total:
         loader.dataset.epoch = epoch
+        distributed.set_epoch(loader, epoch)
         for pixels, tokens, _ in loader:
             pixels = pixels.to(device)
             tokens = {k: v.to(device) for k, v in tokens.items()}
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                terms = method.training_loss(pixels, tokens)
-                loss = sum(terms.values())
-            scaler.scale(loss / cfg.grad_accum).backward()
+            ends_step = (micro + 1) % cfg.grad_accum == 0
+            with distributed.no_sync(training_loss, ends_step):  # DDP syncs on a step's last
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    terms = training_loss(pixels, tokens)
+                    loss = sum(terms.values())
+                _check_loss(terms, method, ds, task_index, step)
+                scaler.scale(loss / cfg.grad_accum).backward()
             micro += 1
-            seen += len(pixels)
+            seen += len(pixels) * distributed.world_size()
             if micro % cfg.grad_accum:
                 continue
             if cfg.max_grad_norm:
@@ -146,7 +215,7 @@ def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: i
             sched.step()
             method.after_step()
             step += 1
-            losses.append(loss.item())
+            losses.append(distributed.mean_over_ranks(loss.item()))
             rate = seen / max(1e-9, time.time() - started)
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", samples_s=f"{rate:.0f}")
