@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -184,3 +185,86 @@ def curve_intervals(ranks: Sequence[Tensor], ks: Sequence[int], key: str, cfg: B
 
 def _listed(ci: Interval | None) -> list[float] | None:
     return None if ci is None else [ci[0], ci[1]]
+
+
+# --- a run's records ---------------------------------------------------------------------------
+GALLERIES = {"recall": "metrics", "recall_joint": "metrics_joint"}  # matrices → their summary
+REFERENCES = ("best", "finetune", "zeroshot")
+
+
+def add_intervals(
+    record: dict, ranks: Mapping[str, Tensor], tasks: Sequence[str], cfg: BootstrapConfig
+) -> None:
+    """Put each matrix's and each continual metric's intervals beside them in a method record
+    (``recall_ci``, ``metrics_ci``, and the joint gallery's)."""
+    for gallery, summary in GALLERIES.items():
+        record[f"{gallery}_ci"] = matrix_intervals(ranks, gallery, tasks, cfg)
+        reps = metric_replicates(ranks, gallery, tasks, cfg)
+        record[f"{summary}_ci"] = metric_intervals(reps, cfg.level)
+
+
+def compare_methods(
+    records: Mapping[str, dict],
+    ranks: Mapping[str, Mapping[str, Tensor]],
+    tasks: Sequence[str],
+    cfg: BootstrapConfig,
+) -> dict:
+    """Paired differences of every method's continual metrics from the best method, from
+    fine-tuning and from zero-shot (where they ran): ``{gallery: {reference kind: {metric:
+    {direction: {"R@K": {"reference": name, "methods": {name: PairedDifference dict}}}}}}}``.
+    The best is the highest value (lowest forgetting) among the compared methods."""
+    names = [n for n in records if n in ranks and records[n].get("complete")]
+    out: dict = {}
+    for gallery, summary in GALLERIES.items():
+        reps = {n: metric_replicates(ranks[n], gallery, tasks, cfg) for n in names}
+        per_ref: dict = {}
+        for metric in METRICS:
+            for d in ("t2i", "i2t"):
+                for k in ("R@1", "R@5"):
+                    points = {n: records[n][summary][metric][d][k] for n in names}
+                    points = {n: v for n, v in points.items() if v is not None}
+                    for kind, ref in _references(points, metric).items():
+                        diffs = {
+                            n: paired_difference(
+                                points[n],
+                                points[ref],
+                                reps[n][metric][d][k],
+                                reps[ref][metric][d][k],
+                                cfg.level,
+                            )
+                            for n in points
+                        }
+                        entry = {
+                            "reference": ref,
+                            "methods": {n: p.as_dict() for n, p in diffs.items() if p},
+                        }
+                        per_ref.setdefault(kind, {}).setdefault(metric, {}).setdefault(d, {})[k] = (
+                            entry
+                        )
+        out[gallery] = per_ref
+    return out
+
+
+def _references(points: Mapping[str, float], metric: str) -> dict[str, str]:
+    if not points:
+        return {}
+    pick = min if metric == "forgetting" else max
+    refs = {"best": pick(points, key=points.__getitem__)}
+    refs.update({n: n for n in ("finetune", "zeroshot") if n in points})
+    return refs
+
+
+def save_ranks(path: str | Path, ranks: Mapping[str, Tensor]) -> None:
+    """Per-query ranks of a method's cells (safetensors, int32), for intervals and pairing."""
+    from safetensors.torch import save_file
+
+    from cmrkit.utils import atomic_write
+
+    tensors = {k: v.to(torch.int32).contiguous() for k, v in ranks.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+
+
+def load_ranks(path: str | Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.long() for k, v in load_file(str(path)).items()} if Path(path).exists() else {}
