@@ -8,9 +8,10 @@ import torch
 
 from cmrkit.eval.bootstrap import (
     BootstrapConfig,
+    add_intervals,
+    cell_replicates,
+    compare_methods,
     interval,
-    matrix_intervals,
-    metric_intervals,
     metric_replicates,
     paired_difference,
     rank_key,
@@ -18,7 +19,7 @@ from cmrkit.eval.bootstrap import (
     replicate_means,
     stream_seed,
 )
-from cmrkit.eval.metrics import backward_transfer, final_average
+from cmrkit.eval.metrics import final_average, summarize
 
 HITS = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0, 1, 0])
 
@@ -90,24 +91,61 @@ def test_matrix_metrics_use_the_same_resample_of_a_task_in_every_row():
     frozen = dict(ranks)
     for d in ("t2i", "i2t"):
         frozen[rank_key("recall", d, 1, 0)] = ranks[rank_key("recall", d, 0, 0)]
-    reps = metric_replicates(frozen, "recall", tasks, cfg)
+    reps = metric_replicates(cell_replicates(frozen, tasks, cfg), "recall")
     assert np.all(reps["bwt"]["t2i"]["R@1"] == 0.0)
-    cis = metric_intervals(reps)
-    assert cis["bwt"]["i2t"]["R@5"] == [0.0, 0.0]
-    # the final average's replicates are the mean of the last row's replicates, cell by cell
-    cells = matrix_intervals(ranks, "recall", tasks, cfg)
-    assert cells["t2i"]["R@1"][0][1] is None  # s > t: no cell, no interval
+    record = {}
+    add_intervals(record, cell_replicates(frozen, tasks, cfg), cfg)
+    assert record["metrics_ci"]["bwt"]["i2t"]["R@5"] == [0.0, 0.0]
+    assert record["recall_ci"]["t2i"]["R@1"][0][1] is None  # s > t: no cell, no interval
+    # every cell's interval is that cell's own bootstrap, seeded by its task's name
+    r = ranks[rank_key("recall", "t2i", 1, 0)]
+    add_intervals(record, cell_replicates(ranks, tasks, cfg), cfg)
+    assert record["recall_ci"]["t2i"]["R@5"][1][0] == pytest.approx(
+        list(recall_interval(r, 5, cfg, "recall/t2i/a"))
+    )
     point = [
-        [
-            100 * (ranks[rank_key("recall", "t2i", t, s)] < 1).double().mean().item()
-            if s <= t
-            else None
-            for s in range(2)
-        ]
+        [hit_rate(ranks[rank_key("recall", "t2i", t, s)]) if s <= t else None for s in range(2)]
         for t in range(2)
     ]
-    lo, hi = metric_intervals(metric_replicates(ranks, "recall", tasks, cfg))["final_avg"]["t2i"][
-        "R@1"
-    ]
+    lo, hi = record["metrics_ci"]["final_avg"]["t2i"]["R@1"]
     assert lo <= final_average(point) <= hi
-    assert backward_transfer(point) is not None
+    assert len(record["seen_average_ci"]["i2t"]["R@1"]) == 2
+
+
+def hit_rate(ranks, k=1):
+    return 100 * (ranks < k).double().mean().item()
+
+
+def test_comparisons_mark_the_best_finetune_and_zeroshot_references():
+    tasks = ["a", "b"]
+    cfg = BootstrapConfig(300, 0.95, 0)
+    good = _ranks(tasks, seed=1)
+    bad = {k: v + 3 for k, v in good.items()}  # every query ranked 3 lower: clearly worse
+    records = {}
+    for name, ranks in (("finetune", good), ("zeroshot", bad), ("ewc", good)):
+        mats = {
+            d: {
+                k: [
+                    [
+                        hit_rate(ranks[rank_key("recall", d, t, s)], int(k[2:])) if s <= t else None
+                        for s in range(2)
+                    ]
+                    for t in range(2)
+                ]
+                for k in ("R@1", "R@5", "R@10")
+            }
+            for d in ("t2i", "i2t")
+        }
+        records[name] = {"metrics": summarize(mats), "complete": True}
+        records[name]["metrics_joint"] = records[name]["metrics"]
+    cells = {
+        n: cell_replicates(r, tasks, cfg)
+        for n, r in (("finetune", good), ("zeroshot", bad), ("ewc", good))
+    }
+    out = compare_methods(records, cells, cfg)
+    final = out["recall"]["finetune"]["final_avg"]["t2i"]["R@1"]
+    assert final["reference"] == "finetune"
+    assert final["methods"]["ewc"] == {"diff": 0.0, "ci": [0.0, 0.0], "significant": False}
+    assert final["methods"]["zeroshot"]["significant"] and final["methods"]["zeroshot"]["diff"] < 0
+    assert out["recall"]["best"]["final_avg"]["t2i"]["R@1"]["reference"] in ("finetune", "ewc")
+    assert out["recall"]["zeroshot"]["final_avg"]["i2t"]["R@1"]["methods"]["ewc"]["significant"]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cmrkit.eval.metrics import METRICS
+from cmrkit.eval.metrics import METRICS, SUMMARY_KS
 
 Interval = tuple[float, float]
 
@@ -97,6 +97,12 @@ def paired_difference(
 
 
 # --- whole runs: recall matrices over tasks ---------------------------------------------------
+GALLERIES = {"recall": "metrics", "recall_joint": "metrics_joint"}  # matrices → their summary
+DIRECTIONS = ("t2i", "i2t")
+CELL_KS = ("R@1", "R@5", "R@10")
+Cells = dict[str, dict[str, dict[str, np.ndarray]]]  # {gallery: {d: {"R@K": [n_boot, T, T]}}}
+
+
 def rank_key(gallery: str, d: str, t: int, s: int) -> str:
     """Name of one cell's per-query ranks: ``recall/t2i/2/0`` = task 0's captions after task 2."""
     return f"{gallery}/{d}/{t}/{s}"
@@ -110,7 +116,8 @@ def matrix_replicates(
     tasks: Sequence[str],
     cfg: BootstrapConfig,
 ) -> np.ndarray:
-    """Replicates of the recall matrix [n_boot, T, T] (percent; NaN where no cell)."""
+    """Replicates of one recall matrix [n_boot, T, T] (percent; NaN where no cell). Task s's
+    queries are resampled the same way in every row (and for every method)."""
     T = len(tasks)
     out = np.full((cfg.n_boot, T, T), np.nan)
     for s, task in enumerate(tasks):
@@ -122,105 +129,72 @@ def matrix_replicates(
     return out
 
 
-def metric_replicates(
-    ranks: Mapping[str, Tensor],
-    gallery: str,
-    tasks: Sequence[str],
-    cfg: BootstrapConfig,
-    ks: Sequence[str] = ("R@1", "R@5"),
-    directions: Sequence[str] = ("t2i", "i2t"),
-) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """``{metric: {direction: {"R@K": replicates [n_boot]}}}`` for every continual metric."""
-    out: dict[str, dict[str, dict[str, np.ndarray]]] = {m: {} for m in METRICS}
-    for d in directions:
-        for k in ks:
-            reps = matrix_replicates(ranks, gallery, d, int(k[2:]), tasks, cfg)
-            for name, fn in METRICS.items():
-                out[name].setdefault(d, {})[k] = fn(reps)
-    return out
-
-
-def matrix_intervals(
-    ranks: Mapping[str, Tensor],
-    gallery: str,
-    tasks: Sequence[str],
-    cfg: BootstrapConfig,
-    ks: Sequence[str] = ("R@1", "R@5", "R@10"),
-    directions: Sequence[str] = ("t2i", "i2t"),
-) -> dict[str, dict[str, list[list[list[float] | None]]]]:
-    """Per-cell intervals, shaped like the recall matrices: ``{d: {"R@K": T×T [lo, hi]|None}}``."""
-    out: dict = {}
-    for d in directions:
-        for k in ks:
-            reps = matrix_replicates(ranks, gallery, d, int(k[2:]), tasks, cfg)
-            out.setdefault(d, {})[k] = [
-                [_listed(interval(reps[:, t, s], cfg.level)) for s in range(len(tasks))]
-                for t in range(len(tasks))
-            ]
-    return out
-
-
-def metric_intervals(
-    replicates: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], level: float = 0.95
-) -> dict[str, dict[str, dict[str, list[float] | None]]]:
-    """Intervals of :func:`metric_replicates`, in the shape of ``summarize``'s output."""
+def cell_replicates(
+    ranks: Mapping[str, Tensor], tasks: Sequence[str], cfg: BootstrapConfig
+) -> Cells:
+    """Replicates of every recall matrix of a method (both galleries, directions and K)."""
     return {
-        m: {d: {k: _listed(interval(r, level)) for k, r in per_k.items()} for d, per_k in v.items()}
-        for m, v in replicates.items()
+        g: {
+            d: {k: matrix_replicates(ranks, g, d, int(k[2:]), tasks, cfg) for k in CELL_KS}
+            for d in DIRECTIONS
+        }
+        for g in GALLERIES
     }
 
 
-def curve_intervals(ranks: Sequence[Tensor], ks: Sequence[int], key: str, cfg: BootstrapConfig):
-    """Intervals of a probe's curve (one ranks vector per step, same queries): ``{K: [[lo, hi]
-    per step]}``."""
-    seed = stream_seed(cfg.seed, key)
+def mean_cells(runs: Sequence[Cells]) -> Cells:
+    """Replicates of the mean over runs (seeds) of the same queries: the query uncertainty of a
+    seed-averaged number."""
+    first = runs[0]
     return {
-        k: [
-            _listed(interval(100.0 * replicate_means(r < k, cfg.n_boot, seed), cfg.level))
-            for r in ranks
-        ]
-        for k in ks
+        g: {d: {k: np.mean([c[g][d][k] for c in runs], 0) for k in v} for d, v in per.items()}
+        for g, per in first.items()
     }
 
 
-def _listed(ci: Interval | None) -> list[float] | None:
-    return None if ci is None else [ci[0], ci[1]]
+def metric_replicates(cells: Cells, gallery: str) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """``{metric: {direction: {"R@K": replicates [n_boot]}}}`` through the metrics' own code."""
+    return {
+        name: {d: {k: fn(cells[gallery][d][k]) for k in SUMMARY_KS} for d in cells[gallery]}
+        for name, fn in METRICS.items()
+    }
 
 
-# --- a run's records ---------------------------------------------------------------------------
-GALLERIES = {"recall": "metrics", "recall_joint": "metrics_joint"}  # matrices → their summary
-REFERENCES = ("best", "finetune", "zeroshot")
-
-
-def add_intervals(
-    record: dict, ranks: Mapping[str, Tensor], tasks: Sequence[str], cfg: BootstrapConfig
-) -> None:
-    """Put each matrix's and each continual metric's intervals beside them in a method record
-    (``recall_ci``, ``metrics_ci``, and the joint gallery's)."""
+def add_intervals(record: dict, cells: Cells, cfg: BootstrapConfig) -> None:
+    """Put the intervals beside the values of a method record: every cell (``recall_ci``), every
+    continual metric (``metrics_ci``), both galleries, and the mean over seen tasks after each
+    task (``seen_average_ci``, the band of the average-recall plot)."""
     for gallery, summary in GALLERIES.items():
-        record[f"{gallery}_ci"] = matrix_intervals(ranks, gallery, tasks, cfg)
-        reps = metric_replicates(ranks, gallery, tasks, cfg)
-        record[f"{summary}_ci"] = metric_intervals(reps, cfg.level)
+        record[f"{gallery}_ci"] = {
+            d: {
+                k: [[_ci(a[:, t, s], cfg) for s in range(a.shape[-1])] for t in range(a.shape[-1])]
+                for k, a in per_k.items()
+            }
+            for d, per_k in cells[gallery].items()
+        }
+        record[f"{summary}_ci"] = {
+            m: {d: {k: _ci(r, cfg) for k, r in per_k.items()} for d, per_k in v.items()}
+            for m, v in metric_replicates(cells, gallery).items()
+        }
+    record["seen_average_ci"] = {
+        d: {"R@1": [_ci(a[:, t, : t + 1].mean(-1), cfg) for t in range(a.shape[-1])]}
+        for d, a in ((d, cells["recall"][d]["R@1"]) for d in DIRECTIONS)
+    }
 
 
-def compare_methods(
-    records: Mapping[str, dict],
-    ranks: Mapping[str, Mapping[str, Tensor]],
-    tasks: Sequence[str],
-    cfg: BootstrapConfig,
-) -> dict:
+def compare_methods(records: Mapping[str, dict], cells: Mapping[str, Cells], cfg: BootstrapConfig):
     """Paired differences of every method's continual metrics from the best method, from
     fine-tuning and from zero-shot (where they ran): ``{gallery: {reference kind: {metric:
     {direction: {"R@K": {"reference": name, "methods": {name: PairedDifference dict}}}}}}}``.
     The best is the highest value (lowest forgetting) among the compared methods."""
-    names = [n for n in records if n in ranks and records[n].get("complete")]
+    names = [n for n in records if n in cells and records[n].get("complete")]
     out: dict = {}
     for gallery, summary in GALLERIES.items():
-        reps = {n: metric_replicates(ranks[n], gallery, tasks, cfg) for n in names}
+        reps = {n: metric_replicates(cells[n], gallery) for n in names}
         per_ref: dict = {}
         for metric in METRICS:
-            for d in ("t2i", "i2t"):
-                for k in ("R@1", "R@5"):
+            for d in DIRECTIONS:
+                for k in SUMMARY_KS:
                     points = {n: records[n][summary][metric][d][k] for n in names}
                     points = {n: v for n, v in points.items() if v is not None}
                     for kind, ref in _references(points, metric).items():
@@ -238,9 +212,8 @@ def compare_methods(
                             "reference": ref,
                             "methods": {n: p.as_dict() for n, p in diffs.items() if p},
                         }
-                        per_ref.setdefault(kind, {}).setdefault(metric, {}).setdefault(d, {})[k] = (
-                            entry
-                        )
+                        slot = per_ref.setdefault(kind, {}).setdefault(metric, {})
+                        slot.setdefault(d, {})[k] = entry
         out[gallery] = per_ref
     return out
 
@@ -252,6 +225,11 @@ def _references(points: Mapping[str, float], metric: str) -> dict[str, str]:
     refs = {"best": pick(points, key=points.__getitem__)}
     refs.update({n: n for n in ("finetune", "zeroshot") if n in points})
     return refs
+
+
+def _ci(replicates: np.ndarray, cfg: BootstrapConfig) -> list[float] | None:
+    ci = interval(replicates, cfg.level)
+    return None if ci is None else [ci[0], ci[1]]
 
 
 def save_ranks(path: str | Path, ranks: Mapping[str, Tensor]) -> None:

@@ -63,6 +63,7 @@ class MethodRecord(_Model):
     metrics_joint: Summary = Field(default_factory=dict)
     metrics_ci: SummaryIntervals = Field(default_factory=dict)
     metrics_joint_ci: SummaryIntervals = Field(default_factory=dict)
+    seen_average_ci: dict[str, dict[str, list[Interval]]] = Field(default_factory=dict)
     clip_benchmark: dict[str, dict[str, float]] = Field(default_factory=dict)
     zeroshot_cls: dict[str, ClassificationProbe] = Field(default_factory=dict)
     probe_retrieval: dict[str, RetrievalProbe] = Field(default_factory=dict)
