@@ -295,3 +295,68 @@ def test_ablation_reroutes_one_trained_bank(tmp_path):
     assert trained.read_bytes() == before
     with pytest.raises(ValueError, match="other settings"):
         run_ablation(cfg, replace(shared, method_overrides={"dar": {"lr": 0.5}}))
+
+
+def test_defaults_are_the_papers_configuration():
+    from cmrkit.bench import method_config
+    from cmrkit.routing import RouterConfig
+
+    train, options = method_config("dar")
+    assert (options["rank"], options["alpha"], options["dropout"]) == (16, 32.0, 0.1)
+    assert (options["k"], options["margin"]) == (2, 0.05)  # top-2 merge below γ = 0.05
+    assert (options["merge_rule"], options["merge_space"]) == ("iso", "core")  # Core Space
+    assert options["none_quantile"] is None and RouterConfig().none_quantile is None
+    assert (train.epochs, train.lr, train.batch_size) == (20, 1e-4, 256)
+    # Without the none route an item far from every prototype still goes to its best adapter.
+    method = build_method("dar", load_backbone("tiny-mini"), **{**options, "rank": 2})
+    _learn(method, [_ds("flat", 8, seed=0)])
+    opposite = -method.memory.image.expand(3, -1)  # score -1: below any calibrated threshold
+    assert method.encoder().route(opposite, "image").top1.tolist() == [0, 0, 0]
+    assert method.encoder().variant(none_quantile=0.01).route(opposite, "image").top1.tolist() == [
+        -1,
+        -1,
+        -1,
+    ]
+
+
+def test_pair_strategy_is_refused_before_a_bench_run_starts(tmp_path):
+    with pytest.raises(ValueError, match="ablate --config routing"):
+        build_method("dar", load_backbone("tiny-mini"), strategy="pair")
+    cfg = BenchConfig(
+        suite=_tiny_suite(tmp_path),
+        methods=["lora_ft", "dar"],
+        out=str(tmp_path / "out"),
+        backbone="tiny-mini",
+        train_overrides=TRAIN,
+        method_options={"dar": {"rank": 2, "strategy": "pair"}, "lora_ft": {"rank": 2}},
+        device="cpu",
+    )
+    with pytest.raises(ValueError, match="strategy 'pair' routes a test image together"):
+        run_bench(cfg)
+    assert not (tmp_path / "out" / "results.json").exists()  # refused before lora_ft ran
+
+
+def test_full_space_merging_through_the_routed_encoder(dar, tests, tmp_path):
+    pixels, _ = _batch(dar.backbone, tests)
+    feats = dar.encoder().backbone_image_features(pixels)
+    top2 = dar.memory.scores("image", image=feats).topk(2, dim=1).values
+    margin = (top2[:, 0] - top2[:, 1]).median().item() + 1e-6  # about half the items merge
+    base = dar.encoder().variant(margin=margin).eval()
+    with torch.no_grad():
+        embed = {
+            (rule, space): base.variant(merge_rule=rule, merge_space=space).encode_image(pixels)
+            for rule in ("task_arithmetic", "iso")
+            for space in ("core", "full")
+        }
+    # Task arithmetic is the same in both spaces (the cores are lossless); ISO is not: in full
+    # space it flattens min(m, n) singular values, most of them zero for low-rank updates.
+    ta_gap = (embed["task_arithmetic", "core"] - embed["task_arithmetic", "full"]).abs().max()
+    assert ta_gap < 1e-5
+    assert (embed["iso", "core"] - embed["iso", "full"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="unknown merge space"):
+        base.variant(merge_space="half")
+    from cmrkit.routing import RoutedEncoder
+
+    full = base.variant(merge_rule="iso", merge_space="full")
+    loaded = RoutedEncoder.load(full.save(tmp_path / "bank"), dar.backbone)
+    assert loaded.merge_space == "full"

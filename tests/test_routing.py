@@ -160,8 +160,10 @@ def test_strategies_route_as_specified():
 def test_none_route_uses_calibrated_thresholds():
     mem = _memory(IMG_P, TXT_P, calibration=0.5)  # every adapter's threshold: 0.5
     items = F.normalize(torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 3.0]]), dim=-1)
-    assert _router(mem).route(image=items).top1.tolist() == [0, -1]  # 0.32 < 0.5: bare
+    on = _router(mem, none_quantile=0.01)
+    assert on.route(image=items).top1.tolist() == [0, -1]  # 0.32 < 0.5: bare
     assert _router(mem, none_quantile=None).route(image=items).top1.tolist() == [0, 0]
+    assert _router(mem).route(image=items).top1.tolist() == [0, 0]  # off by default (paper)
 
 
 # --- prototype memory ------------------------------------------------------------------------

@@ -22,9 +22,11 @@ from cmrkit.merging.core_space import CoreBasis, core_basis
 from cmrkit.merging.rules import check_params, merge
 
 MODES = ("none", "single", "hard", "soft", "core")
+SPACES = ("core", "full")
 # Adapter sets whose core bases a layer keeps (least recently used evicted). DAR top-2 over T
 # tasks has C(T, 2) sets: 32 holds every pair up to T = 8, and a batch rarely touches more.
 CORE_CACHE_SIZE = 32
+FULL_CHUNK = 16  # samples whose (m × n) merged updates a full-space merge holds at once
 
 
 @dataclass(eq=False)
@@ -36,8 +38,10 @@ class AdapterRouting:
     - ``hard``: ``indices`` (batch,), one adapter per sample, -1 = bare backbone.
     - ``soft``: ``weights`` (batch, K) over all adapters.
     - ``core``: ``indices`` (batch, k) with -1 padding and ``weights`` (batch, k); each sample's
-      adapters are merged with ``rule(**params)`` in their core space. A sample with a single
-      adapter uses it as is (weight × its update) unless ``rule_on_single``.
+      adapters are merged with ``rule(**params)`` in their core space (``space="core"``) or on
+      their full (m × n) updates (``space="full"``: the rule as the merging papers state it, a
+      merged weight per sample; for ablations). A sample with a single adapter uses it as is
+      (weight × its update) unless ``rule_on_single``.
     ``batch_dim`` is the sample dimension of the layer inputs (0 for batch-first models).
     """
 
@@ -48,6 +52,7 @@ class AdapterRouting:
     rule: str = "task_arithmetic"
     params: Mapping[str, Any] = field(default_factory=dict)
     rule_on_single: bool = False
+    space: str = "core"
     batch_dim: int = 0
     # Grouping of samples by adapter set, computed by the first layer and reused by all others
     # (every layer of a forward sees the same routing); keyed by (K, device, batch). A routing
@@ -68,6 +73,8 @@ class AdapterRouting:
             raise ValueError(f"routing mode {self.mode!r} needs {missing}")
         if self.mode == "core":
             check_params(self.rule, dict(self.params))  # fail early, not inside a forward
+            if self.space not in SPACES:
+                raise ValueError(f"unknown merge space {self.space!r}; choose from {SPACES}")
 
     @classmethod
     def none(cls) -> AdapterRouting:
@@ -93,6 +100,7 @@ class AdapterRouting:
         rule: str = "task_arithmetic",
         *,
         rule_on_single: bool = False,
+        space: str = "core",
         batch_dim: int = 0,
         **params: Any,
     ) -> AdapterRouting:
@@ -103,6 +111,7 @@ class AdapterRouting:
             rule=rule,
             params=params,
             rule_on_single=rule_on_single,
+            space=space,
             batch_dim=batch_dim,
         )
 
@@ -371,6 +380,8 @@ class LoRABankLinear(nn.Module):
         adds w s B A x; a set merges in its core space, out += U (M_i (V x))."""
         bd = r.batch_dim
         plan = self._plan(r, x.shape[bd], x.device)
+        if r.space == "full":
+            return self._grouped_full(out, x, r, plan)
         # Each set's basis is looked up once per forward: with a cache smaller than the sets of
         # one batch, a second lookup would rebuild it.
         bases = {
@@ -427,8 +438,42 @@ class LoRABankLinear(nn.Module):
             out.update(zip([g for g, _, _ in items], merged.split([len(w) for *_, w in items])))
         return out
 
+    def _grouped_full(self, out: Tensor, x: Tensor, r: AdapterRouting, plan: list) -> Tensor:
+        """Full-space merging (``space="full"``): each sample's rule(w_1 ΔW_1, …, w_k ΔW_k) as
+        an (m × n) matrix, then y += ΔW_i x_i. For the merge ablation (paper 003 Table 5 states
+        TA, DARE-TIES and ISO-C on the full updates): it costs an (m × n) matrix per sample and
+        layer (ISO an (m × n) SVD), so samples are merged in chunks of ``FULL_CHUNK``."""
+        bd = r.batch_dim
+        for members, rows, wg in plan:
+            if rows is None:
+                rows = torch.arange(x.shape[bd], device=x.device)
+            elif isinstance(rows, slice):
+                rows = torch.arange(rows.start, rows.stop, device=x.device)
+            xg = x.index_select(bd, rows).movedim(bd, 0)  # (G, ..., n)
+            single = len(members) == 1 and not r.rule_on_single
+            with torch.no_grad():
+                deltas = torch.stack(
+                    [(self.scales[j] * self.lora_B[j]) @ self.lora_A[j] for j in members]
+                ).to(_work_dtype(x))  # (k, m, n)
+            ys = []
+            for a in range(0, len(rows), FULL_CHUNK):
+                w = wg[a : a + FULL_CHUNK].to(deltas)
+                if single:
+                    merged = w[:, 0, None, None] * deltas[0]
+                else:
+                    merged = merge(r.rule, deltas.expand(len(w), *deltas.shape), w, **r.params)
+                xa = xg[a : a + FULL_CHUNK]
+                y = xa.reshape(len(w), -1, xa.shape[-1]).to(merged) @ merged.mT
+                ys.append(y.reshape(*xa.shape[:-1], -1))
+            out.index_add_(bd, rows, torch.cat(ys).movedim(0, bd).to(out.dtype))
+        return out
+
     def extra_repr(self) -> str:
         return f"adapters={self.num_adapters}, ranks={self.ranks}"
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # SVD has no half-precision kernels
 
 
 def _addmm_(out: Tensor, h: Tensor, b: Tensor, alpha: float = 1.0) -> None:

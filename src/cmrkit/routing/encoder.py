@@ -30,6 +30,7 @@ from cmrkit.merging import check_params
 from cmrkit.routing.prototypes import PrototypeMemory, caption_means, task_features
 from cmrkit.routing.router import (
     MERGE_RULES,
+    MERGE_SPACES,
     PAIR_STRATEGIES,
     Route,
     Router,
@@ -51,6 +52,8 @@ class RoutedEncoder(nn.Module):
         merge_rule: str = "iso",
         merge_params: dict[str, Any] | None = None,
         task: str | None = None,
+        *,
+        merge_space: str = "core",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -59,12 +62,15 @@ class RoutedEncoder(nn.Module):
         self.router = Router(memory, config)
         self.merge_rule = merge_rule
         self.merge_params = dict(merge_params or {})
+        self.merge_space = merge_space
         self.task = task  # the true task, read by the oracle strategy only
         self.batch_dim = getattr(backbone, "lora_batch_dim", 0)  # sample dim of Linear inputs
         if merge_rule not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {merge_rule!r}; choose from {MERGE_RULES}")
         if merge_rule in CORE_RULES:
             check_params(merge_rule, self.merge_params)
+        if merge_space not in MERGE_SPACES:
+            raise ValueError(f"unknown merge space {merge_space!r}; choose from {MERGE_SPACES}")
 
     # --- the DualEncoder face -----------------------------------------------------------------
     @property
@@ -150,14 +156,17 @@ class RoutedEncoder(nn.Module):
             return self.backbone.encode_text(tokens, normalize=normalize)
 
     def _routing(self, route: Route):
-        return route.to_routing(self.merge_rule, batch_dim=self.batch_dim, **self.merge_params)
+        return route.to_routing(
+            self.merge_rule, batch_dim=self.batch_dim, space=self.merge_space, **self.merge_params
+        )
 
     # --- variants -----------------------------------------------------------------------------
     def variant(self, **changes: Any) -> RoutedEncoder:
         """The same bank and memory under other inference settings: RouterConfig fields,
-        ``merge_rule``, ``merge_params`` or ``task``. Nothing is copied or retrained."""
+        ``merge_rule``, ``merge_params``, ``merge_space`` or ``task``. Nothing is copied or
+        retrained."""
         router_keys = {f.name for f in fields(RouterConfig)}
-        own = {"merge_rule", "merge_params", "task"}
+        own = {"merge_rule", "merge_params", "merge_space", "task"}
         if unknown := set(changes) - router_keys - own:
             raise ValueError(f"unknown routed-encoder settings {sorted(unknown)}")
         config = replace(self.config, **{k: v for k, v in changes.items() if k in router_keys})
@@ -169,6 +178,7 @@ class RoutedEncoder(nn.Module):
             changes.get("merge_rule", self.merge_rule),
             changes.get("merge_params", self.merge_params),
             changes.get("task", self.task),
+            merge_space=changes.get("merge_space", self.merge_space),
         )
 
     def for_task(self, task: str) -> RoutedEncoder:
@@ -187,7 +197,11 @@ class RoutedEncoder(nn.Module):
             extra={
                 "tasks": self.memory.tasks,
                 "router": asdict(self.config),
-                "merge": {"rule": self.merge_rule, "params": self.merge_params},
+                "merge": {
+                    "rule": self.merge_rule,
+                    "params": self.merge_params,
+                    "space": self.merge_space,
+                },
             },
         )
 
@@ -204,8 +218,10 @@ class RoutedEncoder(nn.Module):
         except (KeyError, ValueError) as e:
             raise ValueError(f"{Path(folder)}: bad prototype memory ({e})") from None
         merge = extra["merge"]
+        config = RouterConfig(**extra["router"])
+        space = merge.get("space", "core")  # banks saved before merge spaces existed
         return cls(
-            backbone, bank, memory, RouterConfig(**extra["router"]), merge["rule"], merge["params"]
+            backbone, bank, memory, config, merge["rule"], merge["params"], merge_space=space
         ).eval()
 
 

@@ -34,6 +34,7 @@ ITEM_STRATEGIES = ("modality", "oracle", "random", "none")  # route an item on i
 PAIR_STRATEGIES = KINDS  # image, text, pair, max, avg: score a true pair
 STRATEGIES = ITEM_STRATEGIES + PAIR_STRATEGIES
 MERGE_RULES = ("none", "average", "task_arithmetic", "ties", "dare", "dare_ties", "tsv", "iso")
+MERGE_SPACES = ("core", "full")  # where a rule runs: on the k·r cores or on the (m × n) updates
 # Rules ending in TIES' disjoint mean average agreeing entries instead of summing them; their
 # weights are scaled to sum to the member count so that equal weights give plain TIES.
 _DISJOINT_MEAN = ("ties", "dare_ties")
@@ -47,7 +48,9 @@ class RouterConfig:
     # τ of softmax(S/τ) over the top-k (unstated in the paper). 0.02 makes the weights near-
     # continuous at the margin: at S(1) − S(2) = γ the top adapter already weighs 0.92.
     temperature: float = 0.02
-    none_quantile: float | None = 0.01  # None: never route to the bare backbone
+    # The none route (not in the paper, off by default): an item whose best score is below its
+    # top adapter's none_quantile of own-training scores uses the bare backbone.
+    none_quantile: float | None = None
     seed: int = 0  # of the random strategy
 
     def __post_init__(self) -> None:
@@ -89,8 +92,11 @@ class Route:
         """(B,) each item's best adapter, -1 for the bare backbone."""
         return self.indices[:, 0]
 
-    def to_routing(self, rule: str = "iso", *, batch_dim: int = 0, **params) -> AdapterRouting:
-        """The LoRA bank's routing for these items, merging with ``rule`` in core space.
+    def to_routing(
+        self, rule: str = "iso", *, batch_dim: int = 0, space: str = "core", **params
+    ) -> AdapterRouting:
+        """The LoRA bank's routing for these items, merging with ``rule`` in ``space``: ``core``
+        (the adapters' Core Space) or ``full`` (the (m × n) updates, per item).
 
         ``none``: top-1 adapter only. ``average``: uniform weights over each item's adapters.
         Other names are merge rules of :mod:`cmrkit.merging` (weights = the router's softmax).
@@ -106,7 +112,7 @@ class Route:
             rule, w = "task_arithmetic", members / count
         elif rule in _DISJOINT_MEAN:
             w = w * count
-        return AdapterRouting.core(idx, w, rule, batch_dim=batch_dim, **params)
+        return AdapterRouting.core(idx, w, rule, batch_dim=batch_dim, space=space, **params)
 
 
 def _pad(t: Tensor, k: int, value: float) -> Tensor:
