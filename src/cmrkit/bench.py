@@ -3,7 +3,12 @@
 One run = one suite (ordered tasks) × several methods. For each method, after each task all
 seen tasks are evaluated (per-task gallery and one joint gallery), plus the suite's held-out
 probes. Progress is checkpointed after every task; ``resume`` continues a killed run and, since
-every task is seeded from (seed, task index), ends with the same numbers.
+every random draw is seeded from (seed, task index), ends with the same numbers.
+
+Everything that can be checked is checked before the first step: arguments, every method's
+settings and options (each method is built once), the output folder, and — when ``out`` holds a
+run already — that the stored run has the same settings (resumed, or merged with new methods).
+A method whose loss or embeddings turn non-finite is stopped and marked failed; the others go on.
 """
 
 from __future__ import annotations
@@ -26,11 +31,32 @@ from .eval.report import write_report
 from .eval.retrieval import DatasetEmbeddings, evaluate_retrieval, joint_recall
 from .eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classify
 from .methods import TaskContext, build_method
-from .train.loop import TrainConfig, train_task
-from .utils import atomic_write, write_json
+from .methods.base import check_options
+from .train.loop import TrainConfig, check_train_setting, train_task
+from .utils import (
+    NonFiniteError,
+    atomic_write,
+    check_writable_dir,
+    derived_seed,
+    remove_stale_temps,
+    seed_everything,
+    write_json,
+)
 
 KS = (1, 5, 10)
 DIRECTIONS = ("t2i", "i2t")
+# BenchConfig fields that do not decide a run's numbers, or are compared per method instead;
+# every other field must agree between a stored run and the one resuming or joining it.
+NOT_RUN_IDENTITY = {
+    "out",
+    "resume",
+    "device",
+    "eval_batch_size",
+    "methods",
+    "method_options",
+    "train_overrides",
+}
+NOT_METHOD_IDENTITY = {"progress", "num_workers"}  # training settings that change no number
 
 
 @dataclass
@@ -56,8 +82,11 @@ class Bench:
     def __init__(self, cfg: BenchConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
+        self.method_settings = _check_arguments(cfg)
+        check_writable_dir(self.out, "--out")
         self.suite: Suite = load_suite(cfg.suite, cfg.data_root, skip_bad=cfg.skip_bad)
         self.suite.holdout(cfg.holdout)
+        _check_unique([t.name for t in self.suite.tasks], f"suite {self.suite.name}: task")
         self.tests = {t.name: self.suite.load(t.name, "test") for t in self.suite.tasks}
         self.cls_probes = {
             p.name: self.suite.load(p.name, "test") for p in self.suite.classification_probes
@@ -65,16 +94,24 @@ class Bench:
         self.ret_probes = {
             p.name: self.suite.load(p.name, "test") for p in self.suite.retrieval_probes
         }
-        self.results = self._load_results() if cfg.resume else {}
+        self.results = self._load_results()
+        self._check_same_run()
+        for name in cfg.methods:  # fail now, not after hours of the methods before it
+            self._build(name)
+        remove_stale_temps(self.out)  # of atomic writes cut short by a kill
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         started = time.time()
         tasks = self._task_order()
+        config = _jsonable(asdict(self.cfg))
+        if stored := self.results.get("config"):  # methods joining a stored run keep its others
+            config["methods"] = list(dict.fromkeys(stored["methods"] + config["methods"]))
+            config["method_options"] = {**stored["method_options"], **config["method_options"]}
         self.results.update(
             suite=self.suite.name,
             tasks=tasks,
-            config=_jsonable(asdict(self.cfg)),
+            config=config,
             environment=_environment(self.cfg.device),
         )
         self.results.setdefault("methods", {})
@@ -88,31 +125,23 @@ class Bench:
 
     def _run_method(self, name: str, tasks: list[str]) -> None:
         record = self.results["methods"].get(name)
-        if record and record.get("complete"):
+        if self.cfg.resume and record and (record.get("complete") or record.get("failed")):
             return
-        train_cfg, options = method_config(
-            name, self.cfg.train_overrides, self.cfg.method_options.get(name)
-        )
-        method = build_method(name, self._fresh_backbone(), **options)
+        train_cfg, options = self.method_settings[name]
+        method = self._build(name)
         record = _empty_record(len(tasks), self.results["initial"])
         record["config"] = {"train": asdict(train_cfg), "options": options}
         start_task = self._restore(name, method, record) if self.cfg.resume else 0
-        seen: list[str] = tasks[:start_task]
-        for t in range(start_task, len(tasks)):
-            seen.append(tasks[t])
-            task = TaskContext(
-                t, tasks[t], self._train_set(tasks[t], train_cfg.seed), train_cfg, list(seen)
+        try:
+            self._run_tasks(name, method, record, tasks, start_task, train_cfg)
+        except NonFiniteError as e:  # this method is broken; the others still run
+            where = f"method {name}, evaluation after task {len(record['train_stats'])}: "
+            record.update(
+                complete=False, failed=f"{'' if str(e).startswith('method') else where}{e}"
             )
-            tic = time.time()
-            method.begin_task(task)
-            stats = train_task(method, task.train, train_cfg, t) if method.trains else {}
-            method.end_task(task)
-            record["timings"]["train_s"].append(time.time() - tic)
-            record["train_stats"].append({k: v for k, v in stats.items()})
-            tic = time.time()
-            self._evaluate(method, seen, t, record)
-            record["timings"]["eval_s"].append(time.time() - tic)
-            self._checkpoint(name, method, record, t + 1)
+            self.results["methods"][name] = record
+            self._save()
+            return
         record["metrics"] = summarize(record["recall"])
         record["metrics_joint"] = summarize(record["recall_joint"])
         timings = record["timings"]
@@ -120,6 +149,38 @@ class Bench:
         record["complete"] = True
         self.results["methods"][name] = record
         self._save()
+
+    def _build(self, name: str):
+        """Method ``name`` on a fresh backbone; what it draws at construction (e.g. LoRA-FT's
+        adapter, L2P's prompts) is seeded, so it is the same in every process."""
+        train_cfg, options = self.method_settings[name]
+        seed_everything(derived_seed(train_cfg.seed, "init"))
+        try:
+            return build_method(name, self._fresh_backbone(), **options)
+        except TypeError as e:  # a value the method cannot take
+            raise ValueError(f"method {name}: {e}") from None
+
+    def _run_tasks(self, name, method, record, tasks, start_task, train_cfg) -> None:
+        seen: list[str] = tasks[:start_task]
+        for t in range(start_task, len(tasks)):
+            seen.append(tasks[t])
+            task = TaskContext(
+                t, tasks[t], self._train_set(tasks[t], train_cfg.seed), train_cfg, list(seen)
+            )
+            tic = time.time()
+            # Hooks draw from streams of their own (a new adapter's init, ...), seeded by
+            # (seed, task): a resumed task draws what an uninterrupted one did.
+            seed_everything(derived_seed(train_cfg.seed, t, "begin_task"))
+            method.begin_task(task)
+            stats = train_task(method, task.train, train_cfg, t) if method.trains else {}
+            seed_everything(derived_seed(train_cfg.seed, t, "end_task"))
+            method.end_task(task)
+            record["timings"]["train_s"].append(time.time() - tic)
+            record["train_stats"].append({k: v for k, v in stats.items()})
+            tic = time.time()
+            self._evaluate(method, seen, t, record)
+            record["timings"]["eval_s"].append(time.time() - tic)
+            self._checkpoint(name, method, record, t + 1)
 
     # --- evaluation ---------------------------------------------------------------------------
     def _evaluate(self, method, seen: list[str], t: int, record: dict) -> None:
@@ -210,7 +271,45 @@ class Bench:
 
     def _load_results(self) -> dict:
         path = self.out / "results.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a results file ({e})") from None
+        if not isinstance(results, dict):
+            raise ValueError(f"{path}: not a results file (a JSON object expected)")
+        return results
+
+    def _check_same_run(self) -> None:
+        """A stored run in ``out`` is continued (``resume``) or joined by new methods only if it
+        ran the same suite and settings; anything else is refused, naming each difference."""
+        stored = self.results.get("config")
+        if not stored:
+            return
+        ours = _jsonable(asdict(self.cfg))
+        diffs = [
+            f"{key} {stored.get(key)!r} -> {ours[key]!r}"
+            for key in ours
+            if key not in NOT_RUN_IDENTITY and stored.get(key) != ours[key]
+        ]
+        names = sorted(t.name for t in self.suite.tasks)
+        if "tasks" in self.results and sorted(self.results["tasks"]) != names:
+            diffs.append(f"tasks {sorted(self.results['tasks'])} -> {names}")
+        records = self.results.get("methods", {})
+        for name in self.cfg.methods:
+            if name in records and records[name].get("config"):
+                train_cfg, options = self.method_settings[name]
+                now = _method_identity({"train": asdict(train_cfg), "options": options})
+                then = _method_identity(records[name]["config"])
+                diffs += [f"{name}: {d}" for d in _differences(then, now)]
+        missing = [m for m in self.cfg.methods if m not in stored.get("methods", [])]
+        if self.cfg.resume and missing:
+            diffs.append(f"methods {', '.join(missing)} not in the stored run")
+        if diffs:
+            what = f"--resume: {self.out}" if self.cfg.resume else str(self.out / "results.json")
+            fix = "" if self.cfg.resume else "; use another --out"
+            raise ValueError(f"{what} holds a run with other settings: {'; '.join(diffs)}{fix}")
 
     def _checkpoint(self, name: str, method, record: dict, done: int) -> None:
         folder = self.out / "checkpoints" / name
@@ -260,8 +359,73 @@ def method_config(
     }
     if unknown := set(train) - known:
         raise ValueError(f"{path.name}: unknown training settings {sorted(unknown)}")
+    for key, value in own.items():
+        if key in known:
+            try:
+                check_train_setting(key, value)
+            except ValueError as e:
+                raise ValueError(f"--set {name}.{key}={value}: {e}") from None
+    try:
+        train_cfg = TrainConfig(**train)
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
     own_options = {k: v for k, v in own.items() if k not in known}
-    return TrainConfig(**train), {**(defaults.get("options") or {}), **own_options}
+    try:
+        options = check_options(name, {**(defaults.get("options") or {}), **own_options})
+    except ValueError as e:
+        raise ValueError(f"{e}; training settings: {', '.join(sorted(known))}") from None
+    return train_cfg, options
+
+
+def _check_arguments(cfg: BenchConfig) -> dict[str, tuple[TrainConfig, dict]]:
+    """Every argument and every method's settings and options, before any work; returns each
+    method's (training settings, options)."""
+    if not cfg.methods:
+        raise ValueError("--methods: no method given")
+    _check_unique(cfg.methods, "--methods: method")
+    if extra := sorted(set(cfg.method_options) - set(cfg.methods)):
+        methods = ", ".join(cfg.methods)
+        raise ValueError(f"--set {extra[0]}.…: method {extra[0]!r} is not in --methods ({methods})")
+    for key, low in (("eval_batch_size", 1), ("max_train_items", 1)):
+        value = getattr(cfg, key)
+        if key == "max_train_items" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"--{key.replace('_', '-')} must be a whole number >= {low}, got {value!r}"
+            )
+    for key, value in cfg.train_overrides.items():
+        try:
+            check_train_setting(key, value)
+        except ValueError as e:
+            raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+    return {
+        name: method_config(name, cfg.train_overrides, cfg.method_options.get(name))
+        for name in cfg.methods
+    }
+
+
+def _check_unique(names: list[str], what: str) -> None:
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"{what} {dupes[0]!r} given more than once")
+
+
+def _method_identity(config: dict) -> dict:
+    """What decides a method's numbers: its training settings (bar NOT_METHOD_IDENTITY) and
+    options."""
+    train = {k: v for k, v in config["train"].items() if k not in NOT_METHOD_IDENTITY}
+    return _jsonable({"train": train, "options": config["options"]})
+
+
+def _differences(then: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in {**then, **now}:
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
 
 
 def _empty_record(n_tasks: int, initial: dict) -> dict:

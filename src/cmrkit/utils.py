@@ -1,7 +1,8 @@
-"""Small shared helpers: seeding and atomic file writes."""
+"""Small shared helpers: seeding, atomic file writes, finiteness checks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,6 +19,30 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def task_seed(seed: int, task_index: int) -> int:
+    """The seed of one task's training randomness (shuffling, captions, crops, dropout)."""
+    return seed * 1000 + task_index
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed for one purpose (e.g. ``(seed, task, "hooks")``), stable across processes and
+    independent of every other purpose's stream."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class NonFiniteError(ValueError):
+    """A NaN or infinite loss, weight or embedding: never a number to report."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` unchanged, or NonFiniteError naming ``what`` and how many entries are bad."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise NonFiniteError(f"{what}: {bad} of {x.numel()} values are NaN or infinite")
+    return x
 
 
 @contextmanager
@@ -37,6 +62,34 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TEMP_PATTERN = ".*.tmp"  # what atomic_path leaves behind when the process is killed mid-write
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes under ``folder``; return them."""
+    folder = Path(folder)
+    stale = [p for p in folder.rglob(TEMP_PATTERN) if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """Create folder ``path`` if needed and prove a file can be written in it; else ValueError
+    naming ``what`` (e.g. ``--out``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: not writable ({e.strerror or e})") from None
+    return path
 
 
 def _umask() -> int:

@@ -144,9 +144,14 @@ def load_mini(weights: Path | None = None, random_vision: bool = False) -> MiniD
 
 def tiny_mini(seed: int = 0) -> MiniDualEncoder:
     """cmrkit-mini's architecture at toy size (random text and image towers), for tests."""
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's stream left alone
+        torch.manual_seed(seed)
+        return _tiny_mini()
+
+
+def _tiny_mini() -> MiniDualEncoder:
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(seed)
     tok = minilm_tokenizer()
     text = BertModel(
         BertConfig(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..train.distributed import shard_map
+from ..utils import check_finite
 
 Recall = dict[str, dict[str, float]]
 
@@ -226,6 +227,9 @@ def joint_ranks(
     """
     if not (len(image_embs) == len(text_embs) == len(text_to_image)):
         raise ValueError("joint_recall: image_embs, text_embs, text_to_image differ in length")
+    for s, (im, tx) in enumerate(zip(image_embs, text_embs)):  # NaN would rank first
+        check_finite(im, f"retrieval: image embeddings of gallery {s}")
+        check_finite(tx, f"retrieval: caption embeddings of gallery {s}")
     offsets = [0]
     for im in image_embs:
         offsets.append(offsets[-1] + len(im))

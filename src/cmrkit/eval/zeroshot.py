@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmrkit.eval.retrieval import Encoder, embed_images, embed_texts
+from cmrkit.utils import check_finite
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -54,6 +55,8 @@ def classification_ranks(
     classes = sorted({labels[i] for i in keep})
     cls = class_embeddings(encoder, classes, templates, batch_size)
     img = embed_images(encoder, ds, batch_size, indices=keep, progress=progress)
+    check_finite(cls, f"zero-shot {getattr(ds, 'name', '?')}: class-prompt embeddings")
+    check_finite(img, f"zero-shot {getattr(ds, 'name', '?')}: image embeddings")
     index = {c: j for j, c in enumerate(classes)}
     target = torch.tensor([index[labels[i]] for i in keep])
     s = img @ cls.T

@@ -12,6 +12,7 @@ Methods override only the hooks they need, as in mammoth's ContinualModel.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,6 +40,10 @@ class TaskContext:
 class ContinualMethod:
     name: ClassVar[str]
     trains: ClassVar[bool] = True  # False for methods with nothing to learn (zero-shot)
+    # Normalisation statistics (BatchNorm running mean/var) stay frozen in training unless a
+    # method opts in: otherwise training at lr 0 would change the model.
+    updates_norm_statistics: ClassVar[bool] = False
+    extra_options: ClassVar[dict[str, Any]] = {}  # options taken through **kwargs: name: default
 
     def __init__(self, backbone: DualEncoder, **options: Any) -> None:
         self.backbone = backbone
@@ -68,15 +73,19 @@ class ContinualMethod:
         """Called after each optimizer step (e.g. to re-project parameters)."""
 
     def train_mode(self, training: bool) -> None:
-        """Dropout follows ``training``; a normalisation layer whose weights are frozen also keeps
-        its running statistics frozen, or a "frozen" backbone (cmrkit-mini's convolutional stem
-        has BatchNorm) would drift under every old adapter and prototype."""
+        """Dropout follows ``training``; batch-norm layers stay in eval mode (running statistics
+        frozen, as a CLIP ViT's LayerNorm has none) unless the method sets
+        ``updates_norm_statistics`` — cmrkit-mini's convolutional stem has two."""
         self.backbone.train(training)
-        for module in self.backbone.modules():
-            if isinstance(module, _BatchNorm) and not any(
-                p.requires_grad for p in module.parameters()
-            ):
-                module.eval()
+        if not self.updates_norm_statistics:
+            for module in self.backbone.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Raise a ValueError for option values this method cannot run with (checked with the
+        names and types before a run starts)."""
 
     def encoder(self) -> DualEncoder:
         """The object evaluation uses: anything with the DualEncoder face."""
@@ -106,6 +115,59 @@ class ContinualMethod:
         """Restore what ``extra_state`` returned."""
 
 
+def method_options(cls: type[ContinualMethod]) -> dict[str, Any]:
+    """Every option ``cls`` accepts, with its default (``inspect.Parameter.empty`` if none): the
+    keyword parameters of ``__init__`` along the class hierarchy, plus ``extra_options``."""
+    accepted: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and issubclass(klass, ContinualMethod):
+            for param in inspect.signature(klass.__init__).parameters.values():
+                if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+                    accepted[param.name] = param.default
+            accepted.update(klass.extra_options)
+    accepted.pop("self", None)
+    accepted.pop("backbone", None)
+    return accepted
+
+
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of method ``name`` checked against what it accepts: unknown keys and values of
+    the wrong type (by the default's type) are errors; numeric strings become numbers."""
+    from . import _load_all  # noqa: F401  (fills the registry)
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    accepted = method_options(METHODS[name])
+    if unknown := sorted(set(options) - set(accepted)):
+        known = ", ".join(sorted(accepted)) or "none"
+        raise ValueError(f"method {name}: unknown option(s) {', '.join(unknown)} (known: {known})")
+    typed = {k: _typed(name, k, v, accepted[k]) for k, v in options.items()}
+    METHODS[name].validate_options(typed)
+    return typed
+
+
+def _typed(method: str, key: str, value: Any, default: Any) -> Any:
+    if default is None or default is inspect.Parameter.empty:
+        return value
+    kind = type(default)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    }.get(kind, isinstance(value, kind))
+    if not ok:
+        raise ValueError(
+            f"method {method}: option {key} must be {kind.__name__} (like its default "
+            f"{default!r}), got {value!r}"
+        )
+    return float(value) if kind is float else value
+
+
 METHODS: dict[str, type[ContinualMethod]] = {}
 
 
@@ -117,6 +179,4 @@ def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
 def build_method(name: str, backbone: DualEncoder, **options: Any) -> ContinualMethod:
     from . import _load_all  # noqa: F401  (fills the registry)
 
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
-    return METHODS[name](backbone, **options)
+    return METHODS[name](backbone, **check_options(name, options))

@@ -71,10 +71,7 @@ def check_train_setting(name: str, value):
             raise ValueError(f"{name} must be true or false, got {value!r}")
         return value
     if isinstance(value, str) and kind is float:  # YAML 1.1 reads "1e-5" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+        value = _number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
@@ -131,9 +128,16 @@ def make_loader(ds: ImageCaptionDataset, backbone, cfg: TrainConfig, seed: int, 
     )
 
 
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _check_loss(terms: dict, method, ds, task_index: int, step: int) -> None:
     """A NaN or infinite loss stops the method: no number may come from a broken model."""
-    values = {k: float(v) for k, v in terms.items()}
+    values = {k: float(v.detach()) for k, v in terms.items()}
     if not all(math.isfinite(v) for v in values.values()):
         shown = ", ".join(f"{k} {v:g}" for k, v in values.items())
         raise NonFiniteError(
