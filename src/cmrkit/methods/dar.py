@@ -19,6 +19,7 @@ from ..adapters.persistence import bank_configs, bank_state_dict, restore_bank
 from ..backbones.base import DualEncoder, TextBatch
 from ..eval.retrieval import DatasetEmbeddings
 from ..routing import (
+    PAIR_STRATEGIES,
     PrototypeMemory,
     RoutedEncoder,
     RouterConfig,
@@ -35,9 +36,11 @@ ROUTER_OPTIONS = tuple(f.name for f in fields(RouterConfig))
 class DAR(ContinualMethod):
     """Options: ``rank``/``alpha``/``dropout`` of each adapter (paper 003: 16/32/0.1);
     ``merge_rule`` (default ``iso``: Iso-C inside the Core Space of the merged adapters) and
-    ``merge_params``; ``reuse_threshold``: keep training a stored adapter when a new task's
-    prototypes are this similar to its own (None = always a new adapter); the router's
-    ``strategy``, ``k``, ``margin``, ``temperature``, ``none_quantile``, ``seed``."""
+    ``merge_params``; ``merge_space`` (``core``, or ``full``: the rule on the (m × n) updates,
+    for the paper's Table 5 rows); ``reuse_threshold``: keep training a stored adapter when a
+    new task's prototypes are this similar to its own (None = always a new adapter); the
+    router's ``strategy``, ``k``, ``margin``, ``temperature``, ``none_quantile`` (the none route,
+    not in the paper: off by default), ``seed``."""
 
     name = "dar"
     extra_options = {  # the router's, taken through **routing
@@ -53,12 +56,14 @@ class DAR(ContinualMethod):
         dropout: float = 0.1,
         merge_rule: str = "iso",
         merge_params: dict[str, Any] | None = None,
+        merge_space: str = "core",
         reuse_threshold: float | None = None,
         feature_batch_size: int = 256,
         **routing: Any,
     ) -> None:
         if unknown := set(routing) - set(ROUTER_OPTIONS):
             raise ValueError(f"{self.name}: unknown options {sorted(unknown)}")
+        self.validate_options(routing)
         super().__init__(
             backbone,
             rank=rank,
@@ -66,11 +71,13 @@ class DAR(ContinualMethod):
             dropout=dropout,
             merge_rule=merge_rule,
             merge_params=merge_params,
+            merge_space=merge_space,
             reuse_threshold=reuse_threshold,
             **routing,
         )
         self.adapter = {"rank": rank, "alpha": alpha, "dropout": dropout}
         self.merge_rule, self.merge_params = merge_rule, dict(merge_params or {})
+        self.merge_space = merge_space
         self.router_config = RouterConfig(**routing)
         self.reuse_threshold = reuse_threshold
         self.feature_batch_size = feature_batch_size
@@ -82,6 +89,20 @@ class DAR(ContinualMethod):
         self._task_feats: DatasetEmbeddings | None = None
         self._eval_feats: dict[int, tuple[Any, DatasetEmbeddings]] = {}
         self._restored: dict = {}
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Refuse, before a run starts, what a benchmark run cannot evaluate: a pair strategy
+        (the paper's ``pair`` score) routes a test image together with its true captions, while
+        bench embeds items one at a time (joint gallery, zero-shot probes)."""
+        strategy = options.get("strategy", "modality")
+        if strategy in PAIR_STRATEGIES:
+            raise ValueError(
+                f"{cls.name}: strategy {strategy!r} routes a test image together with its true "
+                "captions, which bench's per-item evaluation does not have; it works in "
+                "`cmrkit ablate --config routing` (re-routing a trained DAR, no probes) and "
+                "through cmrkit.routing.evaluate_routed; train and bench with strategy modality"
+            )
 
     # --- lifecycle ----------------------------------------------------------------------------
     def begin_task(self, task: TaskContext) -> None:
@@ -121,6 +142,7 @@ class DAR(ContinualMethod):
             self.router_config,
             self.merge_rule,
             self.merge_params,
+            merge_space=self.merge_space,
         )
 
     def routing_accuracy(self, ds, task: str) -> dict[str, dict[str, float]]:
