@@ -357,6 +357,13 @@ def test_full_space_merging_through_the_routed_encoder(dar, tests, tmp_path):
         base.variant(merge_space="half")
     from cmrkit.routing import RoutedEncoder
 
-    full = base.variant(merge_rule="iso", merge_space="full")
+    full = base.variant(merge_rule="iso", merge_space="full", merge_single=True)
     loaded = RoutedEncoder.load(full.save(tmp_path / "bank"), dar.backbone)
-    assert loaded.merge_space == "full"
+    assert (loaded.merge_space, loaded.merge_single) == ("full", True)
+    # merge_single: ISO flattens a lone adapter's update too (no jump at γ); items that merge
+    # anyway are unchanged.
+    merged = base.route(feats, "image").indices[:, 1] >= 0
+    with torch.no_grad():
+        every = base.variant(merge_rule="iso", merge_single=True).encode_image(pixels)
+    assert torch.allclose(every[merged], embed["iso", "core"][merged], atol=1e-5)
+    assert (every[~merged] - embed["iso", "core"][~merged]).abs().max() > 1e-3

@@ -80,6 +80,11 @@ def test_route_to_routing_per_merge_rule():
     r = route.to_routing("iso")
     assert r.rule == "iso" and torch.equal(r.weights, route.weights)
     assert margin_route(SCORES, 1, 0.05, 0.02).to_routing("iso").mode == "hard"
+    r = route.to_routing("iso", space="full")
+    assert (r.mode, r.space, r.rule_on_single) == ("core", "full", False)
+    # on_single: the rule acts on top-1 items too (ISO flattens a lone adapter's update)
+    r = margin_route(SCORES, 1, 0.05, 0.02).to_routing("iso", on_single=True)
+    assert (r.mode, r.rule_on_single, r.indices.tolist()) == ("core", True, [[0], [0], [1]])
     with pytest.raises(ValueError, match="unknown merge rule"):
         route.to_routing("bogus")
 

@@ -13,7 +13,10 @@ QUICK_TEMPLATES = ["a photo of a {}."]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="cmrkit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cmrkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     _pretrain_parser(sub)

@@ -54,6 +54,7 @@ class RoutedEncoder(nn.Module):
         task: str | None = None,
         *,
         merge_space: str = "core",
+        merge_single: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -63,6 +64,7 @@ class RoutedEncoder(nn.Module):
         self.merge_rule = merge_rule
         self.merge_params = dict(merge_params or {})
         self.merge_space = merge_space
+        self.merge_single = merge_single  # the rule also on items routed to one adapter
         self.task = task  # the true task, read by the oracle strategy only
         self.batch_dim = getattr(backbone, "lora_batch_dim", 0)  # sample dim of Linear inputs
         if merge_rule not in MERGE_RULES:
@@ -157,16 +159,20 @@ class RoutedEncoder(nn.Module):
 
     def _routing(self, route: Route):
         return route.to_routing(
-            self.merge_rule, batch_dim=self.batch_dim, space=self.merge_space, **self.merge_params
+            self.merge_rule,
+            batch_dim=self.batch_dim,
+            space=self.merge_space,
+            on_single=self.merge_single,
+            **self.merge_params,
         )
 
     # --- variants -----------------------------------------------------------------------------
     def variant(self, **changes: Any) -> RoutedEncoder:
         """The same bank and memory under other inference settings: RouterConfig fields,
-        ``merge_rule``, ``merge_params``, ``merge_space`` or ``task``. Nothing is copied or
-        retrained."""
+        ``merge_rule``, ``merge_params``, ``merge_space``, ``merge_single`` or ``task``. Nothing
+        is copied or retrained."""
         router_keys = {f.name for f in fields(RouterConfig)}
-        own = {"merge_rule", "merge_params", "merge_space", "task"}
+        own = {"merge_rule", "merge_params", "merge_space", "merge_single", "task"}
         if unknown := set(changes) - router_keys - own:
             raise ValueError(f"unknown routed-encoder settings {sorted(unknown)}")
         config = replace(self.config, **{k: v for k, v in changes.items() if k in router_keys})
@@ -179,6 +185,7 @@ class RoutedEncoder(nn.Module):
             changes.get("merge_params", self.merge_params),
             changes.get("task", self.task),
             merge_space=changes.get("merge_space", self.merge_space),
+            merge_single=changes.get("merge_single", self.merge_single),
         )
 
     def for_task(self, task: str) -> RoutedEncoder:
@@ -201,6 +208,7 @@ class RoutedEncoder(nn.Module):
                     "rule": self.merge_rule,
                     "params": self.merge_params,
                     "space": self.merge_space,
+                    "single": self.merge_single,
                 },
             },
         )
@@ -219,9 +227,15 @@ class RoutedEncoder(nn.Module):
             raise ValueError(f"{Path(folder)}: bad prototype memory ({e})") from None
         merge = extra["merge"]
         config = RouterConfig(**extra["router"])
-        space = merge.get("space", "core")  # banks saved before merge spaces existed
         return cls(
-            backbone, bank, memory, config, merge["rule"], merge["params"], merge_space=space
+            backbone,
+            bank,
+            memory,
+            config,
+            merge["rule"],
+            merge["params"],
+            merge_space=merge.get("space", "core"),  # banks saved before these settings
+            merge_single=merge.get("single", False),
         ).eval()
 
 

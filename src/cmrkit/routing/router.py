@@ -93,10 +93,17 @@ class Route:
         return self.indices[:, 0]
 
     def to_routing(
-        self, rule: str = "iso", *, batch_dim: int = 0, space: str = "core", **params
+        self,
+        rule: str = "iso",
+        *,
+        batch_dim: int = 0,
+        space: str = "core",
+        on_single: bool = False,
+        **params,
     ) -> AdapterRouting:
         """The LoRA bank's routing for these items, merging with ``rule`` in ``space``: ``core``
-        (the adapters' Core Space) or ``full`` (the (m × n) updates, per item).
+        (the adapters' Core Space) or ``full`` (the (m × n) updates, per item). ``on_single``:
+        the rule also acts on an item routed to one adapter (ISO then flattens its update too).
 
         ``none``: top-1 adapter only. ``average``: uniform weights over each item's adapters.
         Other names are merge rules of :mod:`cmrkit.merging` (weights = the router's softmax).
@@ -104,7 +111,7 @@ class Route:
         if rule not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {rule!r}; choose from {MERGE_RULES}")
         idx, w = self.indices.long(), self.weights
-        if rule == "none" or idx.shape[1] == 1:
+        if rule == "none" or (idx.shape[1] == 1 and not on_single):
             return AdapterRouting.hard(idx[:, 0], batch_dim=batch_dim)
         members = (idx >= 0).to(w.dtype)
         count = members.sum(1, keepdim=True).clamp(min=1)
@@ -112,7 +119,9 @@ class Route:
             rule, w = "task_arithmetic", members / count
         elif rule in _DISJOINT_MEAN:
             w = w * count
-        return AdapterRouting.core(idx, w, rule, batch_dim=batch_dim, space=space, **params)
+        return AdapterRouting.core(
+            idx, w, rule, batch_dim=batch_dim, space=space, rule_on_single=on_single, **params
+        )
 
 
 def _pad(t: Tensor, k: int, value: float) -> Tensor:
