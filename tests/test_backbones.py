@@ -62,3 +62,94 @@ def test_open_clip_backend_custom_blocks():
     model = load_backbone("open_clip:ViT-S-32")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert any(n.endswith("attn.out_proj") for n in names)
+
+
+# --- every backend: an item's embedding does not depend on its batch-mates ---------------------
+CAPTIONS = ["a red cube", "two small blue circles next to a large green triangle on the left"]
+
+
+def _hf_folder(kind, tmp_path):
+    from cmrkit.backbones.hf import save_tiny_hf
+
+    return load_backbone(f"hf:{save_tiny_hf(kind, tmp_path / kind)}")
+
+
+@pytest.mark.parametrize("spec", TINY + ["hf-siglip", "hf-clip"])
+def test_an_items_embedding_does_not_depend_on_its_batch(spec, tmp_path):
+    model = _hf_folder(spec[3:], tmp_path) if spec.startswith("hf-") else load_backbone(spec)
+    with torch.no_grad():
+        alone = model.encode_text(model.tokenize(CAPTIONS[:1]))[0]
+        with_longer = model.encode_text(model.tokenize(CAPTIONS))[0]
+        images = [Image.effect_noise((48, 40), 40 + 30 * i).convert("RGB") for i in range(3)]
+        pixels = torch.stack([model.image_transform(im) for im in images])
+        image_alone = model.encode_image(pixels[:1])[0]
+        image_in_batch = model.encode_image(pixels)[0]
+    torch.testing.assert_close(alone, with_longer, atol=1e-5, rtol=0)
+    torch.testing.assert_close(image_alone, image_in_batch, atol=1e-5, rtol=0)
+
+
+def test_siglip_pads_every_caption_to_its_full_length():
+    model = load_backbone("tiny-siglip")
+    tokens = model.tokenize(CAPTIONS)
+    assert tokens["input_ids"].shape == (2, model.max_text_length) == (2, 64)
+
+
+# --- preprocessing follows each model's own processor config -----------------------------------
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_image_preprocessing_equals_the_models_own_processor(kind, tmp_path):
+    from transformers import AutoImageProcessor
+
+    model = _hf_folder(kind, tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path / kind)
+    image = Image.effect_noise((80, 50), 60).convert("RGB")  # not square: crop vs resize differ
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(model.image_transform(image), theirs, atol=1e-5, rtol=0)
+    assert model.image_crop == (kind == "clip")
+
+
+# --- SigLIP trains with its sigmoid loss and logit_bias; InfoNCE on request ---------------------
+def test_sigmoid_loss_equals_siglips_own_loss():
+    from cmrkit.train.losses import sigmoid_loss
+
+    model = load_backbone("tiny-siglip")
+    with torch.no_grad():
+        model.model.logit_bias.fill_(-3.0)
+        tokens = model.tokenize(CAPTIONS + ["a yellow star"])
+        pixels = torch.randn(3, 3, model.image_size, model.image_size)
+        theirs = model.model(pixel_values=pixels, return_loss=True, **tokens).loss
+        ours = sigmoid_loss(
+            model.encode_image(pixels),
+            model.encode_text(tokens),
+            model.logit_scale.exp(),
+            model.logit_bias,
+        )
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_siglip_trains_with_sigmoid_loss_by_default_and_infonce_on_request():
+    from cmrkit.methods import build_method
+    from cmrkit.train.losses import clip_loss, sigmoid_loss
+
+    method = build_method("finetune", load_backbone("tiny-siglip"))
+    backbone = method.backbone
+    tokens = backbone.tokenize(CAPTIONS)
+    pixels = torch.randn(2, 3, backbone.image_size, backbone.image_size)
+    with torch.no_grad():
+        img, txt = backbone.encode_image(pixels), backbone.encode_text(tokens)
+        scale = backbone.logit_scale.exp()
+        assert backbone.loss == "sigmoid"
+        expected = sigmoid_loss(img, txt, scale, backbone.logit_bias)
+        torch.testing.assert_close(method.training_loss(pixels, tokens)["clip"], expected)
+        backbone.loss = "infonce"
+        torch.testing.assert_close(
+            method.training_loss(pixels, tokens)["clip"], clip_loss(img, txt, scale)
+        )
+    assert load_backbone("tiny-clip").loss == "infonce"
+
+
+# --- user errors are one line, never the hub ----------------------------------------------------
+def test_a_backbone_typo_is_a_one_line_error_without_the_hub():
+    with pytest.raises(ValueError, match="'cmrkit-mimi'; did you mean 'cmrkit-mini'"):
+        load_backbone("cmrkit-mimi")
+    with pytest.raises(ValueError, match="hf:/no/such/folder: not a model folder"):
+        load_backbone("hf:/no/such/folder")

@@ -64,7 +64,8 @@ def _run_export(args) -> int:
     from ..routing import RoutedEncoder
     from .persistence import export_peft
 
-    encoder = RoutedEncoder.load(args.bank, load_backbone(args.backbone))
+    backbone = load_backbone(args.backbone)
+    encoder = RoutedEncoder.load(args.bank, backbone)
     names = encoder.adapter_names
     if args.adapter in names:
         idx = names.index(args.adapter)
@@ -72,7 +73,13 @@ def _run_export(args) -> int:
         idx = int(args.adapter)
     else:
         raise ValueError(f"{args.bank}: no adapter {args.adapter!r}; adapters: {names}")
-    export_peft(encoder.bank, idx, args.out, base_model=args.backbone)
+    export_peft(
+        encoder.bank,
+        idx,
+        args.out,
+        base_model=backbone.stock_model_id,
+        module_prefix=backbone.stock_model_prefix,
+    )
     print(f"wrote adapter {idx} ({names[idx]}) to {args.out}")
     return 0
 
@@ -91,7 +98,7 @@ def _run_import(args) -> int:
         backbone.requires_grad_(False)
         bank = inject_lora_bank(backbone, backbone.lora_targets)
         encoder = RoutedEncoder(backbone, bank, PrototypeMemory(backbone.embed_dim)).eval()
-    idx = import_peft(args.peft, encoder.bank)
+    idx = import_peft(args.peft, encoder.bank, module_prefix=backbone.stock_model_prefix)
     ds = load_imagefolder(args.data, name=args.name)
     # The new adapter's prototypes, from the frozen backbone over its data (as after training).
     slot = encoder.memory.add(task_features(backbone, ds, encoder.bank), ds.name)

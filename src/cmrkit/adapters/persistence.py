@@ -182,23 +182,44 @@ def load_bank(
 
 
 # --- PEFT ---------------------------------------------------------------------------------------
-def peft_state_dict(bank: LoRABank, idx: int) -> dict[str, Tensor]:
-    """Adapter ``idx`` under PEFT's saved key names."""
+# PEFT names modules relative to the model it wraps. For a stock library model held inside a
+# cmrkit backbone (``HFDualEncoder.model``), those names are the bank's minus the backbone's
+# ``stock_model_prefix`` ("model."), so that PEFT on a bare ``CLIPModel`` reads and writes them.
+def _strip(name: str, prefix: str) -> str:
+    if not name.startswith(prefix):
+        raise ValueError(f"layer {name!r} lies outside the stock model ({prefix!r})")
+    return name.removeprefix(prefix)
+
+
+def peft_state_dict(bank: LoRABank, idx: int, module_prefix: str = "") -> dict[str, Tensor]:
+    """Adapter ``idx`` under PEFT's saved key names, relative to the stock model."""
     out = {}
     for name, layer in bank.layers.items():
-        state = layer.adapter_state(idx)
-        out[f"base_model.model.{name}.lora_A.weight"] = state["lora_A"]
-        out[f"base_model.model.{name}.lora_B.weight"] = state["lora_B"]
+        state, module = layer.adapter_state(idx), _strip(name, module_prefix)
+        out[f"base_model.model.{module}.lora_A.weight"] = state["lora_A"]
+        out[f"base_model.model.{module}.lora_B.weight"] = state["lora_B"]
     return out
 
 
 def export_peft(
-    bank: LoRABank, idx: int, folder: str | Path, base_model: str | None = None
+    bank: LoRABank,
+    idx: int,
+    folder: str | Path,
+    base_model: str | None = None,
+    module_prefix: str = "",
 ) -> Path:
-    """Write adapter ``idx`` in PEFT's LoRA layout (``PeftModel.from_pretrained`` loads it)."""
+    """Write adapter ``idx`` in PEFT's LoRA layout.
+
+    ``module_prefix`` is where the stock model sits inside the backbone (its
+    ``stock_model_prefix``); ``base_model`` is what that stock model loads from (a hub id or a
+    folder). ``PeftModel.from_pretrained(CLIPModel.from_pretrained(base_model), folder)`` then
+    reproduces the adapted backbone.
+    """
     folder = Path(folder)
     config = bank.adapter_config(idx)
-    tensors = {k: v.cpu().contiguous() for k, v in peft_state_dict(bank, idx).items()}
+    tensors = {
+        k: v.cpu().contiguous() for k, v in peft_state_dict(bank, idx, module_prefix).items()
+    }
     atomic_write(folder / PEFT_WEIGHTS, lambda p: save_file(tensors, str(p)))
     write_json(
         folder / PEFT_CONFIG,
@@ -210,7 +231,7 @@ def export_peft(
             "lora_alpha": config["alpha"],
             "lora_dropout": config["dropout"],
             # Exact module names: PEFT matches them as dotted suffixes, as inject_lora_bank does.
-            "target_modules": sorted(bank.layers),
+            "target_modules": sorted(_strip(n, module_prefix) for n in bank.layers),
             "bias": "none",
             "fan_in_fan_out": False,
             "use_rslora": False,
@@ -224,9 +245,11 @@ def export_peft(
     return folder
 
 
-def import_peft(folder: str | Path, bank: LoRABank) -> int:
+def import_peft(folder: str | Path, bank: LoRABank, module_prefix: str = "") -> int:
     """Add the PEFT LoRA adapter in ``folder`` to ``bank``; return its index.
 
+    Module names are read relative to the stock model (``module_prefix`` + name is the bank's
+    layer), or as the bank's own names (an adapter PEFT made on the cmrkit backbone itself).
     The adapter must cover exactly the bank's layers with one rank and one alpha (PEFT's
     ``rank_pattern`` / ``alpha_pattern``, DoRA and LoRA biases have no equivalent here).
     """
@@ -240,7 +263,7 @@ def import_peft(folder: str | Path, bank: LoRABank) -> int:
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     if config.get("use_rslora"):
         alpha *= rank**0.5  # rsLoRA scales by alpha/sqrt(r); ours is alpha/r
-    state = _peft_to_layers(load_file(str(weights_path)), weights_path)
+    state = _peft_to_layers(load_file(str(weights_path)), weights_path, bank, module_prefix)
     expected = {f"{n}.{k}" for n in bank.layers for k in ("lora_A", "lora_B")}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -281,11 +304,15 @@ def _check_peft_config(config: Mapping[str, Any], path: Path) -> None:
         raise ValueError(f"{path}: unsupported PEFT LoRA settings {unsupported}")
 
 
-def _peft_to_layers(state: Mapping[str, Tensor], source: Path) -> dict[str, Tensor]:
+def _peft_to_layers(
+    state: Mapping[str, Tensor], source: Path, bank: LoRABank, module_prefix: str
+) -> dict[str, Tensor]:
     out = {}
     for key, value in state.items():
         m = _PEFT_KEY.match(key)
         if m is None:
             raise ValueError(f"{source}: {key!r} is not a LoRA A/B weight")
-        out[f"{m.group(1)}.lora_{m.group(2)}"] = value
+        module = m.group(1)
+        layer = module if module in bank.layers else module_prefix + module
+        out[f"{layer}.lora_{m.group(2)}"] = value
     return out

@@ -9,13 +9,28 @@ A bare hub id or directory is read as ``hf:``.
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+
 from .base import DualEncoder, TextBatch
+
+NAMED = ("cmrkit-mini", "tiny-mini", "tiny-clip", "tiny-siglip", "tiny-vtde")
 
 
 def load_backbone(spec: str, seed: int = 0) -> DualEncoder:
+    """The backbone ``spec`` names; an unknown name is a ValueError listing the choices (a bare
+    word is never sent to the hub: hub ids have an owner, ``owner/name``)."""
     from ..utils import quiet_transformers
 
     quiet_transformers()
+    bare_word = not spec.startswith(("hf:", "open_clip:")) and "/" not in spec
+    if bare_word and spec not in NAMED and not Path(spec).is_dir():
+        close = difflib.get_close_matches(spec, NAMED, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"unknown backbone {spec!r}; {hint}choose {', '.join(NAMED)}, hf:NAME_OR_PATH "
+            "or open_clip:ARCH[:TAG]"
+        )
     if spec == "cmrkit-mini":
         from .embedded import load_mini
 

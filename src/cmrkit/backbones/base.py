@@ -30,7 +30,19 @@ class DualEncoder(nn.Module):
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     max_text_length: int = 77
+    # True pads to the longest caption of the batch; "max_length" to max_text_length (SigLIP
+    # pools the last position, so its captions must always have the same length).
+    text_padding: bool | str = True
+    # Evaluation preprocessing, as the model's own processor (ImageTransform says how).
+    image_crop: bool = True
+    image_shortest_edge: int | None = None
+    image_resample: int = Image.BICUBIC
+    loss: str = "infonce"  # the training loss this backbone was pretrained with (train/losses.py)
     tokenizer: Callable[..., dict]
+    # Where the library's own model sits inside this wrapper, and what it loads from: PEFT
+    # adapters made on that stock model name modules relative to it (adapters/persistence.py).
+    stock_model_prefix: str = ""
+    stock_model_id: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,7 +61,7 @@ class DualEncoder(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> TextBatch:
         out = self.tokenizer(
             list(texts),
-            padding=True,
+            padding=self.text_padding,
             truncation=True,
             max_length=self.max_text_length,
             return_tensors="pt",
@@ -58,13 +70,25 @@ class DualEncoder(nn.Module):
 
     @property
     def image_transform(self) -> Callable[[Image.Image], Tensor]:
-        """Evaluation transform: resize, centre crop, normalise."""
-        return ImageTransform(self.image_size, self.image_mean, self.image_std)
+        """Evaluation transform, as the model's own processor: centre crop or not, resize,
+        normalise."""
+        return self._transform(train=False)
 
     @property
     def train_transform(self) -> ImageTransform:
         """Training transform: random resized crop (drawn from the rng passed per call)."""
-        return ImageTransform(self.image_size, self.image_mean, self.image_std, train=True)
+        return self._transform(train=True)
+
+    def _transform(self, train: bool) -> ImageTransform:
+        return ImageTransform(
+            self.image_size,
+            self.image_mean,
+            self.image_std,
+            train=train,
+            crop=self.image_crop,
+            shortest_edge=self.image_shortest_edge,
+            resample=self.image_resample,
+        )
 
     @property
     def device(self) -> torch.device:

@@ -16,6 +16,7 @@ OPEN_CLIP_TARGETS = ("attn.out_proj", "mlp.c_fc", "mlp.c_proj")
 
 class OpenCLIPDualEncoder(DualEncoder):
     lora_targets = OPEN_CLIP_TARGETS
+    stock_model_prefix = "model."
 
     def __init__(self, model, tokenizer, name: str) -> None:
         super().__init__()

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..backbones.base import DualEncoder, TextBatch
 from ..data.dataset import ImageCaptionDataset
 from ..train.loop import TrainConfig
-from ..train.losses import clip_loss
+from ..train.losses import contrastive_loss
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ContinualMethod:
     def training_loss(self, pixels: Tensor, tokens: TextBatch) -> dict[str, Tensor]:
         """Named loss terms summed by the loop; subclasses add their own to the CLIP loss."""
         image_emb, text_emb = self.embed(pixels, tokens)
-        return {"clip": clip_loss(image_emb, text_emb, self.backbone.logit_scale.exp())}
+        return {"clip": contrastive_loss(self.backbone, image_emb, text_emb)}
 
     def after_step(self) -> None:
         """Called after each optimizer step (e.g. to re-project parameters)."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..adapters import inject_lora_bank
 from ..backbones.base import DualEncoder, TextBatch
-from ..train.losses import clip_loss
+from ..train.losses import contrastive_loss
 from .base import ContinualMethod, TaskContext, register
 from .distill import eval_mode
 
@@ -101,7 +101,7 @@ class CCLIP(ContinualMethod):
 
     def training_loss(self, pixels: Tensor, tokens: TextBatch) -> dict[str, Tensor]:
         image_emb, text_emb = self.embed(pixels, tokens)
-        terms = {"clip": clip_loss(image_emb, text_emb, self.backbone.logit_scale.exp())}
+        terms = {"clip": contrastive_loss(self.backbone, image_emb, text_emb)}
         if self.projector is not None:
             old_image, old_text = self.old_embeddings(pixels, tokens)
             h, tau = self.projector, self.temperature

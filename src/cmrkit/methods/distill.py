@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import DualEncoder, TextBatch
-from ..train.losses import clip_loss
+from ..train.losses import contrastive_loss
 from .base import ContinualMethod, TaskContext
 
 SimilarityPair = tuple[Tensor, Tensor]  # (image→text rows, text→image rows)
@@ -112,7 +112,7 @@ class OldModelDistillation(ContinualMethod):
 
     def training_loss(self, pixels: Tensor, tokens: TextBatch) -> dict[str, Tensor]:
         image_emb, text_emb = self.embed(pixels, tokens)
-        terms = {"clip": clip_loss(image_emb, text_emb, self.backbone.logit_scale.exp())}
+        terms = {"clip": contrastive_loss(self.backbone, image_emb, text_emb)}
         if self.old is not None:
             with torch.no_grad():
                 old_image, old_text = self.old.encode_image(pixels), self.old.encode_text(tokens)

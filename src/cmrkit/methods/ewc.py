@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..backbones.base import DualEncoder, TextBatch
 from ..train.loop import make_loader
-from ..train.losses import clip_loss
+from ..train.losses import contrastive_loss
 from .base import ContinualMethod, TaskContext, register
 
 IMPORTANCE, ANCHOR = "ewc.importance.", "ewc.anchor."
@@ -116,7 +116,7 @@ class EWC(ContinualMethod):
             for pixels, tokens, _ in loader:
                 tokens = {k: v.to(device) for k, v in tokens.items()}
                 image_emb, text_emb = self.embed(pixels.to(device), tokens)
-                loss = clip_loss(image_emb, text_emb, self.backbone.logit_scale.exp())
+                loss = contrastive_loss(self.backbone, image_emb, text_emb)
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                 for n, g in zip(params, grads):
                     if g is not None:

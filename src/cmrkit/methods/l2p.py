@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import DualEncoder, TextBatch
-from ..train.losses import clip_loss
+from ..train.losses import contrastive_loss
 from .base import ContinualMethod, register
 from .distill import eval_mode
 
@@ -116,7 +116,7 @@ class L2P(ContinualMethod):
         image_emb, cos = self.encode_image_prompted(pixels)
         text_emb = self.backbone.encode_text(tokens)
         return {
-            "clip": clip_loss(image_emb, text_emb, self.backbone.logit_scale.exp()),
+            "clip": contrastive_loss(self.backbone, image_emb, text_emb),
             "pull": -self.pull_weight * cos.mean(),
         }
 

@@ -30,3 +30,25 @@ def _global_clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor |
     image_logits = logit_scale * image_emb @ all_texts.t()  # my images against every caption
     text_logits = logit_scale * text_emb @ all_images.t()  # my captions against every image
     return 0.5 * (F.cross_entropy(image_logits, target) + F.cross_entropy(text_logits, target))
+
+
+def sigmoid_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float
+) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al., 2023): every image–caption pair is a binary
+    problem, positive on the diagonal; summed over captions, averaged over images."""
+    logits = logit_scale * image_emb @ text_emb.t() + logit_bias
+    labels = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum(dim=-1).mean()
+
+
+def contrastive_loss(backbone, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    """The loss ``backbone`` was pretrained with (its ``loss``): InfoNCE, or SigLIP's sigmoid
+    loss with the model's ``logit_bias``. Set ``backbone.loss = "infonce"`` to train SigLIP with
+    InfoNCE instead."""
+    scale = backbone.logit_scale.exp()
+    if backbone.loss == "sigmoid":
+        return sigmoid_loss(image_emb, text_emb, scale, backbone.logit_bias)
+    if backbone.loss != "infonce":
+        raise ValueError(f"backbone {backbone.name}: unknown loss {backbone.loss!r}")
+    return clip_loss(image_emb, text_emb, scale)
