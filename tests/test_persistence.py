@@ -219,3 +219,90 @@ def test_adapters_cli_export_import_info(dar, batch, tmp_path, capsys):
         )
         == 2
     )  # a clear error, not a traceback
+
+
+# --- PEFT on a stock transformers CLIPModel, both directions ------------------------------------
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    from cmrkit.backbones.hf import save_tiny_hf
+
+    return save_tiny_hf("clip", tmp_path_factory.mktemp("clip") / "model")
+
+
+def _stock_features(model, pixels, tokens):
+    from cmrkit.backbones.base import pooled
+
+    with torch.no_grad():
+        return (
+            pooled(model.get_image_features(pixel_values=pixels)),
+            pooled(model.get_text_features(**tokens)),
+        )
+
+
+def _cmrkit_features(backbone, bank, idx, pixels, tokens):
+    with torch.no_grad(), bank.routing(AdapterRouting.single(idx)):
+        return (
+            backbone.encode_image(pixels, normalize=False),
+            backbone.encode_text(tokens, normalize=False),
+        )
+
+
+def _clip_batch(backbone):
+    pixels = torch.randn(3, 3, backbone.image_size, backbone.image_size)
+    return pixels, backbone.tokenize(["a red cube", "two blue dots", "an x-ray of a hand"])
+
+
+def _max_diff(ours, theirs):
+    return max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True))
+
+
+def test_peft_on_a_stock_clipmodel_loads_a_cmrkit_export(clip_folder, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import CLIPModel
+
+    backbone = load_backbone(f"hf:{clip_folder}").eval()
+    bank = inject_lora_bank(backbone, backbone.lora_targets)
+    idx = bank.add_adapter(rank=4, alpha=8.0, dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in bank.layers.values():
+            layer.lora_B[idx].copy_(torch.randn(layer.lora_B[idx].shape, generator=g) * 0.3)
+    export_peft(
+        bank,
+        idx,
+        tmp_path,
+        base_model=backbone.stock_model_id,
+        module_prefix=backbone.stock_model_prefix,
+    )
+    config = json.loads((tmp_path / PEFT_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(clip_folder.resolve())
+    stock = CLIPModel.from_pretrained(config["base_model_name_or_path"])
+    theirs = peft.PeftModel.from_pretrained(stock, tmp_path).eval()
+    pixels, tokens = _clip_batch(backbone)
+    ours = _cmrkit_features(backbone, bank, idx, pixels, tokens)
+    assert _max_diff(ours, _stock_features(theirs, pixels, tokens)) < 1e-5
+    with theirs.disable_adapter():  # the adapter really acts: without it the outputs differ
+        assert _max_diff(ours, _stock_features(theirs, pixels, tokens)) > 1e-3
+
+
+def test_cmrkit_imports_an_adapter_peft_made_on_a_stock_clipmodel(clip_folder, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import CLIPModel
+
+    from cmrkit.backbones.hf import CLIP_TARGETS
+
+    config = peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=0.0, target_modules=list(CLIP_TARGETS))
+    theirs = peft.get_peft_model(CLIPModel.from_pretrained(clip_folder), config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs.save_pretrained(tmp_path)
+    backbone = load_backbone(f"hf:{clip_folder}").eval()
+    bank = inject_lora_bank(backbone, backbone.lora_targets)
+    idx = import_peft(tmp_path, bank, module_prefix=backbone.stock_model_prefix)
+    assert bank.adapter_config(idx)["rank"] == 4 and bank.adapter_config(idx)["alpha"] == 6.0
+    pixels, tokens = _clip_batch(backbone)
+    ours = _cmrkit_features(backbone, bank, idx, pixels, tokens)
+    assert _max_diff(ours, _stock_features(theirs, pixels, tokens)) < 1e-5
