@@ -26,10 +26,28 @@ from safetensors.torch import load_file, save_file
 from .backbones import load_backbone
 from .data.dataset import ImageCaptionDataset
 from .data.suites import CONFIG_DIR, Suite, load_suite
+from .eval.bootstrap import (
+    BootstrapConfig,
+    add_intervals,
+    cell_replicates,
+    compare_methods,
+    load_ranks,
+    rank_key,
+    recall_interval,
+    save_ranks,
+)
 from .eval.metrics import summarize
 from .eval.report import write_report
-from .eval.retrieval import DatasetEmbeddings, evaluate_retrieval, joint_recall
-from .eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classify
+from .eval.retrieval import (
+    DatasetEmbeddings,
+    QueryRanks,
+    embed_dataset,
+    evaluate_retrieval,
+    joint_ranks,
+    recall_from_ranks,
+)
+from .eval.schema import clip_benchmark_keys, save_results
+from .eval.zeroshot import DEFAULT_TEMPLATES, accuracy_from_ranks, classification_ranks
 from .methods import TaskContext, build_method
 from .methods.base import check_options
 from .train.loop import TrainConfig, check_train_setting, train_task
@@ -95,6 +113,8 @@ class Bench:
             p.name: self.suite.load(p.name, "test") for p in self.suite.retrieval_probes
         }
         self.results = self._load_results()
+        self.boot = BootstrapConfig()
+        self.ranks: dict[str, dict[str, torch.Tensor]] = {}  # method → per-query ranks per cell
         self._check_same_run()
         for name in cfg.methods:  # fail now, not after hours of the methods before it
             self._build(name)
@@ -118,6 +138,7 @@ class Bench:
         self.initial()
         for name in self.cfg.methods:
             self._run_method(name, tasks)
+        self._compare(tasks)
         self.results["wall_s"] = self.results.get("wall_s", 0.0) + time.time() - started
         self._save()
         write_report(self.results, self.out)
@@ -144,6 +165,8 @@ class Bench:
             return
         record["metrics"] = summarize(record["recall"])
         record["metrics_joint"] = summarize(record["recall_joint"])
+        add_intervals(record, cell_replicates(self.ranks[name], tasks, self.boot), self.boot)
+        record["clip_benchmark"] = clip_benchmark_keys(record["recall"], tasks)
         timings = record["timings"]
         timings["total_s"] = sum(timings["train_s"]) + sum(timings["eval_s"])
         record["complete"] = True
@@ -178,47 +201,57 @@ class Bench:
             record["timings"]["train_s"].append(time.time() - tic)
             record["train_stats"].append({k: v for k, v in stats.items()})
             tic = time.time()
-            self._evaluate(method, seen, t, record)
+            self._evaluate(method, seen, t, record, self.ranks.setdefault(name, {}))
             record["timings"]["eval_s"].append(time.time() - tic)
             self._checkpoint(name, method, record, t + 1)
 
     # --- evaluation ---------------------------------------------------------------------------
-    def _evaluate(self, method, seen: list[str], t: int, record: dict) -> None:
-        encoder = method.encoder()
+    def _evaluate(self, method, seen: list[str], t: int, record: dict, ranks: dict) -> None:
         embeddings: list[DatasetEmbeddings] = []
-        for s, task in enumerate(seen):
+        for task in seen:
             ds = self.tests[task]
-            recall, emb = evaluate_retrieval(
-                method.encoder_for_task(task), ds, self.cfg.eval_batch_size
-            )
-            embeddings.append(emb)
-            _put(record["recall"], recall, t, s)
+            encoder = method.encoder_for_task(task)
+            embeddings.append(embed_dataset(encoder, ds, self.cfg.eval_batch_size))
             if extra := method.extra_eval(task, ds):
                 record.setdefault("extra_eval", []).append({"after": t, "task": task, **extra})
-        joint = joint_recall(
-            [e.images for e in embeddings],
-            [e.texts for e in embeddings],
-            [e.text_to_image for e in embeddings],
-            KS,
-        )
-        for s, recall in enumerate(joint):
-            _put(record["recall_joint"], recall, t, s)
-        for probe, values in self._probe(encoder).items():
+        for gallery, per_task in evaluate_seen(embeddings).items():
+            for s, query_ranks in enumerate(per_task):
+                recall = {d: recall_from_ranks(r, KS) for d, r in query_ranks.items()}
+                _put(record[gallery], recall, t, s)
+                ranks.update({rank_key(gallery, d, t, s): r for d, r in query_ranks.items()})
+        for probe, values in self.probe(method.encoder()).items():
             for key, value in values.items():
                 record[probe][key]["values"].append(value)
         _update_deltas(record)
 
-    def _probe(self, encoder) -> dict:
-        """Zero-shot classification and held-out retrieval: {kind: {probe: value}}."""
-        cls = {
-            name: zeroshot_classify(encoder, ds, self.templates(name), self.cfg.eval_batch_size)
-            for name, ds in self.cls_probes.items()
-        }
-        ret = {
-            name: evaluate_retrieval(encoder, ds, self.cfg.eval_batch_size)[0]
-            for name, ds in self.ret_probes.items()
-        }
+    def probe(self, encoder) -> dict:
+        """Zero-shot classification and held-out retrieval, each value with its 95 % intervals
+        (``ci``): {kind: {probe: value}}."""
+        bs, boot = self.cfg.eval_batch_size, self.boot
+        cls = {}
+        for name, ds in self.cls_probes.items():
+            r = classification_ranks(encoder, ds, self.templates(name), bs)
+            ci = {f"top{k}": recall_interval(r, k, boot, f"zeroshot_cls/{name}") for k in (1, 5)}
+            cls[name] = {**accuracy_from_ranks(r), "ci": ci}
+        ret = {}
+        for name, ds in self.ret_probes.items():
+            (query_ranks,) = evaluate_seen([embed_dataset(encoder, ds, bs)])["recall"]
+            ret[name] = {d: recall_from_ranks(r, KS) for d, r in query_ranks.items()}
+            ret[name]["ci"] = {
+                d: {f"R@{k}": recall_interval(r, k, boot, f"probe/{name}/{d}") for k in KS}
+                for d, r in query_ranks.items()
+            }
         return {"zeroshot_cls": cls, "probe_retrieval": ret}
+
+    def _compare(self, tasks: list[str]) -> None:
+        """Paired bootstrap differences between the finished methods (results ``comparisons``)."""
+        records = self.results["methods"]
+        for name in records:
+            if name not in self.ranks:
+                self.ranks[name] = load_ranks(self._ranks_path(name))
+        self.results["bootstrap"] = asdict(self.boot)
+        cells = {n: cell_replicates(self.ranks[n], tasks, self.boot) for n in records}
+        self.results["comparisons"] = compare_methods(records, cells, self.boot)
 
     def initial(self) -> dict:
         """The pretrained backbone's probe values, computed once (again when the suite's probes
@@ -226,7 +259,7 @@ class Bench:
         known = self.results.get("initial")
         probes = (set(self.cls_probes), set(self.ret_probes))
         if not known or (set(known["zeroshot_cls"]), set(known["probe_retrieval"])) != probes:
-            self.results["initial"] = self._probe(self._fresh_backbone())
+            self.results["initial"] = self.probe(self._fresh_backbone())
         return self.results["initial"]
 
     def templates(self, probe: str) -> list[str]:
@@ -267,7 +300,10 @@ class Bench:
 
     # --- files --------------------------------------------------------------------------------
     def _save(self) -> None:
-        write_json(self.out / "results.json", self.results)
+        save_results(self.out / "results.json", self.results)
+
+    def _ranks_path(self, name: str) -> Path:
+        return self.out / "ranks" / f"{name}.safetensors"
 
     def _load_results(self) -> dict:
         path = self.out / "results.json"
@@ -322,6 +358,7 @@ class Bench:
             "record": record,
             "extra": method.extra_state(),
         }
+        save_ranks(self._ranks_path(name), self.ranks.get(name, {}))
         write_json(folder / "progress.json", meta)
         for old in folder.glob("state-after-*.safetensors"):
             if old != weights:
@@ -337,6 +374,7 @@ class Bench:
         method.load_extra_state(meta["extra"])
         method.load_state_dict(load_file(progress.parent / meta["weights"]))
         record.update(meta["record"])
+        self.ranks[name] = load_ranks(self._ranks_path(name))
         return int(meta["done"])
 
 
@@ -452,15 +490,32 @@ def _put(matrices: dict, recall: dict, t: int, s: int) -> None:
             matrices[d][k][t][s] = v
 
 
+def evaluate_seen(embeddings: list[DatasetEmbeddings]) -> dict[str, list[QueryRanks]]:
+    """Per-query ranks of every seen task, in its own gallery (``recall``) and in one gallery
+    of all of them (``recall_joint``): the one evaluation of bench and ablations."""
+    own = [joint_ranks([e.images], [e.texts], [e.text_to_image])[0] for e in embeddings]
+    joint = joint_ranks(
+        [e.images for e in embeddings],
+        [e.texts for e in embeddings],
+        [e.text_to_image for e in embeddings],
+    )
+    return {"recall": own, "recall_joint": joint}
+
+
 def _update_deltas(record: dict) -> None:
     for probe in record["zeroshot_cls"].values():
         values = probe["values"]
         probe["top1"] = [v["top1"] for v in values]
         probe["delta"] = values[-1]["top1"] - values[0]["top1"]
+        probe["ci"] = {"top1": [(v.get("ci") or {}).get("top1") for v in values]}
     for probe in record["probe_retrieval"].values():
         values = probe["values"]
         for d in DIRECTIONS:
             probe[d] = {k: [v[d][k] for v in values] for k in values[0][d]}
+        probe["ci"] = {
+            d: {k: [(v.get("ci") or {}).get(d, {}).get(k) for v in values] for k in values[0][d]}
+            for d in DIRECTIONS
+        }
         probe["delta"] = {
             d: {k: values[-1][d][k] - values[0][d][k] for k in values[0][d]} for d in DIRECTIONS
         }
