@@ -66,6 +66,33 @@ def test_recall_matches_bruteforce(seed, chunk):
     _close(recall_at_k(img, txt, t2i, ks=KS, chunk_size=chunk), _reference(img, txt, t2i.tolist()))
 
 
+@pytest.mark.parametrize(("chunk", "block"), [(1, 1), (4, 3), (7, 5), (64, 2), (5, 1000)])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_blocked_ranking_matches_bruteforce(seed, chunk, block):
+    """Blocks over the gallery smaller than it (ties across blocks, positives in several)."""
+    img, txt, t2i = _random_task(seed, n=31)
+    got = recall_at_k(img, txt, t2i, ks=KS, chunk_size=chunk, block_size=block)
+    _close(got, _reference(img, txt, t2i.tolist()))
+
+
+def test_per_query_ranks_give_recall_and_tie_order_across_blocks():
+    from cmrkit.eval.retrieval import joint_ranks, recall_from_ranks
+
+    img, txt, t2i = _random_task(5, n=17)
+    (ranks,) = joint_ranks([img], [txt], [t2i], chunk_size=3, block_size=2)
+    S = (txt.double() @ img.double().T).tolist()
+    assert ranks["t2i"].tolist() == [_stable_rank(S[q], [t2i[q]]) for q in range(len(txt))]
+    for d, r in ranks.items():
+        assert recall_from_ranks(r, KS) == pytest.approx(recall_at_k(img, txt, t2i, ks=KS)[d])
+    # every score ties: the positive's rank is its column, even blocks away from the first
+    (flat,) = joint_ranks(
+        [torch.ones(9, 2)], [torch.ones(3, 2)], [torch.tensor([8, 4, 0])], block_size=2
+    )
+    assert flat["t2i"].tolist() == [8, 4, 0] and flat["i2t"].tolist() == [2, 1, 0]
+    with pytest.raises(ValueError, match="block_size"):
+        joint_ranks([img], [txt], [t2i], block_size=0)
+
+
 def test_ties_go_to_lower_index():
     img = torch.ones(4, 2)  # every score ties
     t2i = torch.tensor([0, 3, 3])

@@ -5,8 +5,9 @@
 
 Ranking is a stable descending sort by score: ties go to the lower gallery index first, so the
 rank of a positive ``p`` is ``#{j: s_j > s_p} + #{j < p: s_j == s_p}`` (0-based). Ranks are found
-by counting comparisons over query chunks; the full query × gallery matrix is never built and
-rows are never sorted. Scores are plain dot products: pass L2-normalised embeddings (as
+by counting comparisons over blocks of queries × gallery items; the full query × gallery
+matrix is never built, rows are never sorted, and the memory beyond the embeddings is one
+block's, whatever the gallery size. Scores are plain dot products: pass L2-normalised embeddings (as
 :func:`embed_images` / :func:`embed_texts` return) to get cosine similarity.
 """
 
@@ -170,34 +171,55 @@ def embed_dataset(
     )
 
 
-def _ranks_t2i(queries: Tensor, gallery: Tensor, positive: Tensor, chunk_size: int) -> Tensor:
-    """0-based rank of each query's single positive gallery item (stable, lower index first)."""
-    ranks = torch.empty(len(queries), dtype=torch.long)
-    cols = torch.arange(len(gallery), device=gallery.device)
-    for a in range(0, len(queries), chunk_size):
-        s = queries[a : a + chunk_size] @ gallery.T
-        p = positive[a : a + chunk_size].to(s.device)
-        sp = s.gather(1, p[:, None])
-        r = (s > sp).sum(1) + ((s == sp) & (cols[None] < p[:, None])).sum(1)
-        ranks[a : a + chunk_size] = r.cpu()
-    return ranks
+def _gallery_blocks(parts: Sequence[Tensor], block_size: int) -> list[tuple[int, Tensor]]:
+    """(first gallery column, view) of every block of the gallery made of ``parts`` in order:
+    views, never a concatenated copy."""
+    blocks, start = [], 0
+    for part in parts:
+        for a in range(0, len(part), block_size):
+            blocks.append((start + a, part[a : a + block_size]))
+        start += len(part)
+    return blocks
 
 
-def _ranks_i2t(
-    queries: Tensor, query_ids: Tensor, gallery: Tensor, gallery_owner: Tensor, chunk_size: int
+def _first_hit_ranks(
+    queries: Tensor,
+    query_ids: Tensor,
+    gallery: Sequence[tuple[int, Tensor]],
+    gallery_owner: Tensor | None,
+    chunk_size: int,
 ) -> Tensor:
-    """0-based rank of the best-ranked gallery item owned by each query (any of its captions)."""
+    """0-based stable rank of each query's best-ranked positive: gallery column ``j`` is a
+    positive of query ``q`` when ``owner[j] == query_ids[q]`` (``owner`` None: ``owner[j] = j``).
+
+    Memory is bounded by one (query chunk × gallery block) score matrix. Pass 1 finds each
+    query's best positive (highest score, lowest column on ties) in the blocks holding
+    positives; pass 2 counts the columns ranked before it. Both passes score a block with the
+    same product on the same operands, so equal scores compare equal across passes.
+    """
     ranks = torch.empty(len(queries), dtype=torch.long)
-    owner = gallery_owner.to(gallery.device)
-    cols = torch.arange(len(gallery), device=gallery.device)
-    big = torch.tensor(len(gallery), device=gallery.device)
     for a in range(0, len(queries), chunk_size):
-        s = queries[a : a + chunk_size] @ gallery.T
-        mine = owner[None] == query_ids[a : a + chunk_size].to(s.device)[:, None]
-        # best positive = highest score, lowest index on ties: it has the best stable rank
-        sp = s.masked_fill(~mine, float("-inf")).amax(1, keepdim=True)
-        p = torch.where(mine & (s == sp), cols[None], big).amin(1, keepdim=True)
-        r = (s > sp).sum(1) + ((s == sp) & (cols[None] < p)).sum(1)
+        q = queries[a : a + chunk_size]
+        ids = query_ids[a : a + chunk_size].to(q.device)[:, None]
+        best = torch.full((len(q),), float("-inf"), device=q.device, dtype=q.dtype)
+        best_col = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        for c0, blk in gallery:
+            cols = torch.arange(c0, c0 + len(blk), device=q.device)
+            own = cols if gallery_owner is None else gallery_owner[c0 : c0 + len(blk)].to(q.device)
+            mine = own[None] == ids
+            if not mine.any():
+                continue
+            s = q @ blk.to(q).T
+            top = s.masked_fill(~mine, float("-inf")).amax(1)
+            col = c0 + (mine & (s == top[:, None])).to(torch.uint8).argmax(1)  # first such column
+            better = top > best  # blocks come in column order: on a tie the earlier one stays
+            best, best_col = torch.where(better, top, best), torch.where(better, col, best_col)
+        r = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        for c0, blk in gallery:
+            cols = torch.arange(c0, c0 + len(blk), device=q.device)
+            s = q @ blk.to(q).T
+            r += (s > best[:, None]).sum(1)
+            r += ((s == best[:, None]) & (cols[None] < best_col[:, None])).sum(1)
         ranks[a : a + chunk_size] = r.cpu()
     return ranks
 
@@ -217,6 +239,7 @@ def joint_ranks(
     text_embs: Sequence[Tensor],
     text_to_image: Sequence[Tensor],
     chunk_size: int = 1024,
+    block_size: int = 4096,
 ) -> list[QueryRanks]:
     """Per task, the 0-based rank of every query's first hit against one joint gallery made of
     all the given tasks (the per-query view of :func:`joint_recall`: recall = mean(rank < K)).
@@ -224,32 +247,36 @@ def joint_ranks(
     Task ``s``'s captions query all images of all tasks (t2i); task ``s``'s images query all
     captions of all tasks (i2t). ``text_to_image[s]`` indexes into ``image_embs[s]``. Images
     without any caption are left out of the image→text queries (they could never be hit).
+    Scores are computed ``chunk_size`` queries × ``block_size`` gallery items at a time, so the
+    memory beyond the embeddings does not grow with the gallery.
     """
     if not (len(image_embs) == len(text_embs) == len(text_to_image)):
         raise ValueError("joint_recall: image_embs, text_embs, text_to_image differ in length")
+    if chunk_size < 1 or block_size < 1:
+        raise ValueError(f"joint_recall: chunk_size {chunk_size}, block_size {block_size} < 1")
     for s, (im, tx) in enumerate(zip(image_embs, text_embs)):  # NaN would rank first
         check_finite(im, f"retrieval: image embeddings of gallery {s}")
         check_finite(tx, f"retrieval: caption embeddings of gallery {s}")
     offsets = [0]
     for im in image_embs:
         offsets.append(offsets[-1] + len(im))
-    gal_img = torch.cat(list(image_embs))
-    gal_txt = torch.cat(list(text_embs)).to(gal_img.device, gal_img.dtype)
+    like = image_embs[0]
+    gal_img = _gallery_blocks(image_embs, block_size)
+    gal_txt = _gallery_blocks(text_embs, block_size)
     owner = torch.cat(
         [t2i.long().cpu() + off for t2i, off in zip(text_to_image, offsets[:-1], strict=True)]
     )
-    if len(owner) != len(gal_txt):
+    if len(owner) != sum(len(tx) for tx in text_embs):
         raise ValueError("joint_recall: text_to_image and text_embs differ in length")
     results: list[QueryRanks] = []
     for s, (im, tx, t2i) in enumerate(zip(image_embs, text_embs, text_to_image, strict=True)):
         off = offsets[s]
-        t_ranks = _ranks_t2i(tx.to(gal_img), gal_img, t2i.long() + off, chunk_size)
+        t_ranks = _first_hit_ranks(tx.to(like), t2i.long() + off, gal_img, None, chunk_size)
         has_caption = torch.zeros(len(im), dtype=torch.bool)
         has_caption[t2i.long().cpu()] = True
         ids = torch.nonzero(has_caption).squeeze(1)
-        i_ranks = _ranks_i2t(
-            im.to(gal_img)[ids.to(gal_img.device)], ids + off, gal_txt, owner, chunk_size
-        )
+        queries = im.to(like) if bool(has_caption.all()) else im.to(like)[ids.to(like.device)]
+        i_ranks = _first_hit_ranks(queries, ids + off, gal_txt, owner, chunk_size)
         results.append({"t2i": t_ranks, "i2t": i_ranks})
     return results
 
@@ -260,12 +287,13 @@ def joint_recall(
     text_to_image: Sequence[Tensor],
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
+    block_size: int = 4096,
 ) -> list[Recall]:
     """Per-task recall against one joint gallery made of all the given tasks (see
     :func:`joint_ranks`): one ``{"t2i": {"R@k": %}, "i2t": {...}}`` per task, in input order."""
     return [
         {d: recall_from_ranks(r, ks) for d, r in ranks.items()}
-        for ranks in joint_ranks(image_embs, text_embs, text_to_image, chunk_size)
+        for ranks in joint_ranks(image_embs, text_embs, text_to_image, chunk_size, block_size)
     ]
 
 
@@ -275,9 +303,10 @@ def recall_at_k(
     text_to_image: Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
+    block_size: int = 4096,
 ) -> Recall:
     """Recall@K in percent, both directions, for one gallery (see module doc for semantics)."""
-    return joint_recall([image_emb], [text_emb], [text_to_image], ks, chunk_size)[0]
+    return joint_recall([image_emb], [text_emb], [text_to_image], ks, chunk_size, block_size)[0]
 
 
 def evaluate_retrieval(
