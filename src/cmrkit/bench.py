@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ from .eval.retrieval import (
     recall_from_ranks,
 )
 from .eval.schema import clip_benchmark_keys, save_results
+from .eval.seeds import aggregate_seeds
 from .eval.zeroshot import DEFAULT_TEMPLATES, accuracy_from_ranks, classification_ranks
 from .methods import TaskContext, build_method
 from .methods.base import check_options
@@ -543,3 +544,26 @@ def _jsonable(obj):
 
 def run_bench(cfg: BenchConfig) -> dict:
     return Bench(cfg).run()
+
+
+def run_seeds(cfg: BenchConfig, seeds: list[int]) -> dict:
+    """The whole run repeated per training seed (``OUT/seed-N``, each a complete run that
+    ``resume`` continues), then aggregated into ``OUT``: mean ± sd over seeds with the per-seed
+    values kept (:mod:`cmrkit.eval.seeds`)."""
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"--seeds: give distinct seeds, got {seeds}")
+    out = Path(cfg.out)
+    dirs = {}
+    for seed in seeds:
+        sub = replace(
+            cfg,
+            out=str(out / f"seed-{seed}"),
+            train_overrides={**cfg.train_overrides, "seed": seed},
+        )
+        run_bench(sub)
+        dirs[seed] = sub.out
+    results = aggregate_seeds(dirs, BootstrapConfig())
+    results["config"] = {**results["config"], "out": str(out), "seeds": seeds}
+    save_results(out / "results.json", results)
+    write_report(results, out)
+    return results

@@ -97,6 +97,11 @@ def _bench_parser(sub) -> None:
     p.add_argument("--max-train-items", type=int, help="cap training items per task")
     p.add_argument("--seed", type=int)
     p.add_argument(
+        "--seeds",
+        help="comma-separated training seeds (0,1,2): the whole run is repeated per seed in "
+        "OUT/seed-N and OUT holds mean ± sd over seeds, per-seed values kept",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -109,7 +114,7 @@ def _bench_parser(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from .bench import BenchConfig, run_bench
+    from .bench import BenchConfig, run_bench, run_seeds
     from .methods import METHODS, _load_all  # noqa: F401  (fills the registry)
     from .train.loop import TrainConfig
 
@@ -140,7 +145,10 @@ def _run_bench(args) -> int:
         cfg.templates = list(QUICK_TEMPLATES)
     if args.device:
         cfg.device = args.device
-    results = run_bench(cfg)
+    seeds = _seeds(args.seeds)
+    if seeds and args.seed is not None:
+        raise ValueError("--seed and --seeds: give one of them")
+    results = run_seeds(cfg, seeds) if seeds else run_bench(cfg)
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
     for name, record in results["methods"].items():
         final = record["metrics"]["final_avg"]
@@ -272,6 +280,13 @@ def _run_data_check(args) -> int:
     report = check_path(Path(args.path), skip_bad=args.skip_bad)
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
+
+
+def _seeds(value: str | None) -> list[int]:
+    try:
+        return [int(v) for v in _split(value)]
+    except ValueError:
+        raise ValueError(f"--seeds {value!r}: expected whole numbers, e.g. 0,1,2") from None
 
 
 def _split(value: str | None) -> list[str]:
