@@ -1,4 +1,5 @@
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -57,11 +58,94 @@ def test_embedded_backbone_loads_shipped_weights_and_real_text_tower():
     assert model.image_size == 64 and model.embed_dim == 384
 
 
-@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip absent")
-def test_open_clip_backend_custom_blocks():
-    model = load_backbone("open_clip:ViT-S-32")
+def _open_clip_imports() -> bool:
+    try:
+        import open_clip  # noqa: F401
+    except Exception:  # noqa: BLE001 - e.g. a torchvision built for another torch
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("open_clip") is None or not _open_clip_imports(),
+    reason="open_clip absent or not importable here",
+)
+def test_open_clip_backend_custom_blocks_and_adapters_act_on_every_target():
+    from cmrkit.adapters import AdapterRouting, inject_lora_bank
+
+    model = load_backbone("open_clip:ViT-S-32").eval()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert any(n.endswith("attn.out_proj") for n in names)
+    bank = inject_lora_bank(model, model.lora_targets)
+    idx = bank.add_adapter(4, 8.0, 0.0)
+    pixels = torch.randn(1, 3, model.image_size, model.image_size)
+    tokens = model.tokenize(["a red cube"])
+    with torch.no_grad(), bank.disabled():
+        base = {True: model.encode_image(pixels), False: model.encode_text(tokens)}
+    for name, layer in bank.layers.items():
+        with torch.no_grad():
+            for other in bank.layers.values():
+                other.lora_B[idx].zero_()
+            layer.lora_B[idx].normal_(0, 0.5)
+            visual = "visual" in name
+            with bank.routing(AdapterRouting.single(idx)):
+                out = model.encode_image(pixels) if visual else model.encode_text(tokens)
+        assert (out - base[visual]).abs().max() > 1e-6, f"adapter on {name} is bypassed"
+
+
+def _fake_open_clip(tmp_path, monkeypatch, body):
+    package = tmp_path / "open_clip"
+    package.mkdir()
+    (package / "__init__.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "open_clip", raising=False)
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        (None, "open_clip_torch 3.x, which is not installed"),
+        (
+            "raise ModuleNotFoundError(\"No module named 'torchvision'\", name='torchvision')",
+            "it needs torchvision, which is missing",
+        ),
+        (
+            "raise RuntimeError('operator torchvision::nms does not exist')",
+            "cannot be imported \\(RuntimeError: operator torchvision::nms does not exist\\)",
+        ),
+        ("__version__ = '2.24.0'", "needs open_clip_torch>=3, found 2.24.0"),
+    ],
+)
+def test_open_clip_that_cannot_load_is_one_truthful_line(body, says, tmp_path, monkeypatch):
+    if body is None:
+        monkeypatch.setitem(sys.modules, "open_clip", None)  # not installed
+    else:
+        _fake_open_clip(tmp_path, monkeypatch, body)
+    with pytest.raises(ValueError, match=says) as info:
+        load_backbone("open_clip:ViT-S-32")
+    assert "\n" not in str(info.value)
+
+
+def test_open_clip_3_takes_block_type_in_the_tower_configs(tmp_path, monkeypatch):
+    """open_clip 3.x's create_model passes unknown keywords to the model class; block_type is a
+    field of each tower config (CLIPVisionCfg / CLIPTextCfg)."""
+    _fake_open_clip(
+        tmp_path,
+        monkeypatch,
+        "__version__ = '3.3.0'\n"
+        "calls = []\n"
+        "def get_model_config(name):\n"
+        "    return {'embed_dim': 8, 'vision_cfg': {'width': 8}, 'text_cfg': {'width': 8}}\n"
+        "def create_model(name, pretrained=None, **kwargs):\n"
+        "    calls.append(kwargs)\n"
+        "    raise RuntimeError('stop here')\n",
+    )
+    with pytest.raises(ValueError, match="open_clip:ViT-S-32:: stop here"):
+        load_backbone("open_clip:ViT-S-32")
+    (kwargs,) = sys.modules["open_clip"].calls
+    assert "block_type" not in kwargs
+    assert kwargs["vision_cfg"] == {"width": 8, "block_type": "custom"}
+    assert kwargs["text_cfg"] == {"width": 8, "block_type": "custom"}
 
 
 # --- every backend: an item's embedding does not depend on its batch-mates ---------------------
