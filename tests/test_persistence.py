@@ -66,7 +66,8 @@ def test_bank_save_load_round_trip_is_exact(dar, batch, tmp_path):
     meta = json.loads((tmp_path / BANK_FILE).read_text())
     assert [a["name"] for a in meta["adapters"]] == ["flat", "outline"]
     assert meta["adapters"][0] | {"rank": 3, "alpha": 5.0} == meta["adapters"][0]
-    assert meta["extra"]["merge"] == {"rule": "ties", "params": {"density": 0.5}}
+    merge = {"rule": "ties", "params": {"density": 0.5}, "space": "core", "single": False}
+    assert meta["extra"]["merge"] == merge
     loaded = RoutedEncoder.load(tmp_path, load_backbone("tiny-mini"))
     assert loaded.config == encoder.config and loaded.adapter_names == ["flat", "outline"]
     assert torch.equal(loaded.memory.threshold("text", 0.05), dar.memory.threshold("text", 0.05))

@@ -89,6 +89,19 @@ def test_route_to_routing_per_merge_rule():
         route.to_routing("bogus")
 
 
+def test_set_order_makes_each_adapter_set_contiguous():
+    from cmrkit.routing.encoder import set_order
+
+    idx = torch.tensor([[2, 0], [1, -1], [0, 2], [-1, -1], [1, -1], [0, 1], [2, 0]])
+    route = Route(idx, torch.ones(7, 2))
+    order = set_order(route)
+    assert sorted(order.tolist()) == list(range(7))
+    sets = [tuple(sorted(idx[i].tolist())) for i in order.tolist()]
+    # each set appears as one run: (-1, -1), (-1, 1) x2, (0, 1), (0, 2) x3 (both orders of 0, 2)
+    assert sets == [(-1, -1), (-1, 1), (-1, 1), (0, 1), (0, 2), (0, 2), (0, 2)]
+    assert order.tolist()[-3:] == [0, 2, 6]  # stable: ties keep their batch order
+
+
 def test_route_slicing_and_cat():
     a = margin_route(SCORES, k=2, margin=0.05, temperature=0.02)
     b = margin_route(SCORES, k=3, margin=0.05, temperature=0.02)

@@ -148,14 +148,17 @@ class RoutedEncoder(nn.Module):
         return self.router.route(**{modality: features}, task=self.task)
 
     def encode_image_routed(self, pixels: Tensor, route: Route, normalize: bool = True) -> Tensor:
-        with self.bank.routing(self._routing(route)):
-            return self.backbone.encode_image(pixels, normalize=normalize)
+        order = set_order(route)
+        with self.bank.routing(self._routing(route[order])):
+            return _unsort(self.backbone.encode_image(pixels[order], normalize=normalize), order)
 
     def encode_text_routed(
         self, tokens: dict[str, Tensor], route: Route, normalize: bool = True
     ) -> Tensor:
-        with self.bank.routing(self._routing(route)):
-            return self.backbone.encode_text(tokens, normalize=normalize)
+        order = set_order(route)
+        tokens = {k: v[order.to(v.device)] for k, v in tokens.items()}
+        with self.bank.routing(self._routing(route[order])):
+            return _unsort(self.backbone.encode_text(tokens, normalize=normalize), order)
 
     def _routing(self, route: Route):
         return route.to_routing(
@@ -314,6 +317,23 @@ def routing_accuracy(image_route: Route, text_route: Route, adapter: int) -> dic
         "merged_image": merged(image_route),
         "merged_text": merged(text_route),
     }
+
+
+def set_order(route: Route) -> Tensor:
+    """A batch order in which items routed to the same adapter set are neighbours: the LoRA
+    bank then works on each set's rows as a view (no gather/scatter in every layer); the
+    encoder permutes its inputs once and its outputs back."""
+    keyed = route.indices.long().sort(dim=1).values  # canonical set: order within k irrelevant
+    order = torch.arange(len(route))
+    for column in reversed(range(keyed.shape[1])):  # lexicographic: stable, last key first
+        order = order[keyed[order, column].argsort(stable=True)]
+    return order
+
+
+def _unsort(z: Tensor, order: Tensor) -> Tensor:
+    out = torch.empty_like(z)
+    out[order.to(z.device)] = z
+    return out
 
 
 def _finish(z: Tensor) -> Tensor:
