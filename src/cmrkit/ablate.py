@@ -18,8 +18,12 @@ An ablation YAML::
       none: {merge_rule: none}
       iso: {merge_rule: iso}
 
-Output: ``ablation.json`` and ``ablation.md`` (final averages over tasks, routing accuracy,
-zero-shot classification with its change from the pretrained model).
+Every variant is evaluated by bench's own evaluation (:func:`cmrkit.bench.evaluate_seen` and
+``Bench.probe``): per-task and joint galleries, held-out retrieval and classification probes,
+each number with its 95 % bootstrap interval; a retraining variant is read back from its bench
+run's results.json through the results schema. Output: ``ablation.json`` and ``ablation.md``
+(final averages over tasks with intervals and the paired difference from the first variant,
+routing accuracy, probes with their change from the pretrained model).
 """
 
 from __future__ import annotations
@@ -33,12 +37,21 @@ from typing import Any
 
 import yaml
 
-from .backbones import load_backbone
-from .bench import Bench, BenchConfig, method_config, run_bench
+from .bench import Bench, BenchConfig, evaluate_seen, method_config, run_bench
 from .data.suites import CONFIG_DIR
-from .eval.zeroshot import zeroshot_classify
-from .methods import build_method
-from .routing import ITEM_STRATEGIES, evaluate_routed, routing_accuracy, routing_features
+from .eval.bootstrap import (
+    CELL_KS,
+    BootstrapConfig,
+    cell_replicates,
+    interval,
+    load_ranks,
+    paired_difference,
+    rank_key,
+)
+from .eval.retrieval import recall_from_ranks
+from .eval.schema import load_results
+from .routing import ITEM_STRATEGIES, routing_accuracy, routing_features
+from .routing.encoder import embed_routed, route_dataset
 from .utils import atomic_write, write_json
 
 DIRECTIONS = ("t2i", "i2t")
@@ -97,30 +110,34 @@ def run_ablation(cfg: AblationConfig, run: RunSettings) -> dict:
 
 # --- variants that retrain -------------------------------------------------------------------
 def _retrained(cfg: AblationConfig, run: RunSettings) -> dict[str, dict]:
-    rows = {}
+    rows, finals = {}, {}
     for name, changes in cfg.variants.items():
         changes = dict(changes)
         method = changes.pop("method", cfg.method)
-        results = run_bench(_bench_config(cfg, run, method, {**cfg.options, **changes}, name))
-        record, tasks = results["methods"][method], results["tasks"]
+        bench_cfg = _bench_config(cfg, run, method, {**cfg.options, **changes}, name)
+        run_bench(bench_cfg)
+        results = load_results(bench_cfg.out)  # read back through the one schema
+        record, tasks = results.methods[method], results.tasks
         last = len(tasks) - 1
-        routed = [r for r in record.get("extra_eval", []) if r["after"] == last]
+        routed = [r for r in record.extra_eval if r["after"] == last]
+        ranks = load_ranks(Path(bench_cfg.out) / "ranks" / f"{method}.safetensors")
+        final, finals[name] = _final_row(_last_row(ranks, last), tasks)
         rows[name] = {
             "settings": {"method": method, **changes},
-            "final": record["metrics"]["final_avg"],
-            "per_task": {
-                task: {
-                    d: {k: m[last][s] for k, m in record["recall"][d].items()} for d in DIRECTIONS
-                }
-                for s, task in enumerate(tasks)
-            },
+            **final,
             "routing_accuracy": _mean_accuracy([r["routing_accuracy"] for r in routed]),
-            "zeroshot_cls": {
-                p: {"top1": v["top1"][-1], "delta": v["delta"]}
-                for p, v in record["zeroshot_cls"].items()
+            **{
+                kind: {p: _last_value(v) for p, v in getattr(record, kind).items()}
+                for kind in ("zeroshot_cls", "probe_retrieval")
             },
         }
+    _paired_with_first(rows, finals)
     return rows
+
+
+def _last_row(ranks: dict, last: int) -> dict:
+    """The per-query ranks of the row after the last task."""
+    return {k: r for k, r in ranks.items() if k.split("/")[2] == str(last)}
 
 
 # --- variants that only re-route -------------------------------------------------------------
@@ -129,26 +146,36 @@ def _rerouted(cfg: AblationConfig, run: RunSettings) -> dict[str, dict]:
     encoder, tasks = method.encoder(), bench.results["tasks"]
     # Routing features come from the frozen backbone: the same for every variant.
     feats = {t: routing_features(encoder, bench.tests[t], run.eval_batch_size) for t in tasks}
-    rows = {}
+    rows, finals = {}, {}
     for name, changes in cfg.variants.items():
         variant = encoder.variant(**changes)
-        recalls, accuracy = [], []
+        embeddings, accuracy = [], []
         for task in tasks:
-            recall, image_route, text_route = evaluate_routed(
-                variant, bench.tests[task], run.eval_batch_size, feats[task], task
+            image_route, text_route = route_dataset(variant, feats[task], task)
+            embeddings.append(
+                embed_routed(
+                    variant, bench.tests[task], image_route, text_route, run.eval_batch_size
+                )
             )
-            recalls.append(recall)
             own = method.memory.slot_of(task)
             accuracy.append(
                 {variant.config.strategy: routing_accuracy(image_route, text_route, own)}
             )
+        # the same evaluation as bench's after its last task: per-task and joint galleries
+        ranks = {
+            rank_key(gallery, d, len(tasks) - 1, s): r
+            for gallery, per_task in evaluate_seen(embeddings).items()
+            for s, query_ranks in enumerate(per_task)
+            for d, r in query_ranks.items()
+        }
+        final, finals[name] = _final_row(ranks, tasks)
         rows[name] = {
             "settings": dict(changes),
-            "final": _mean_recall(recalls),
-            "per_task": dict(zip(tasks, recalls, strict=True)),
+            **final,
             "routing_accuracy": _mean_accuracy(accuracy),
-            "zeroshot_cls": _zeroshot(variant, bench, run),
+            **_probes(variant, bench),
         }
+    _paired_with_first(rows, finals)
     return rows
 
 
@@ -161,25 +188,59 @@ def _trained(cfg: AblationConfig, run: RunSettings):
     )
     _check_reusable(bench, cfg.method)
     done = bench.results.get("methods", {}).get(cfg.method, {}).get("complete")
-    results = bench.results if done else bench.run()  # a finished run's files stay untouched
-    options = results["methods"][cfg.method]["config"]["options"]
-    method = build_method(cfg.method, load_backbone(run.backbone).to(bench.cfg.device), **options)
-    bench._restore(cfg.method, method, {})
-    return bench, method
+    if not done:
+        bench.run()  # a finished run's files stay untouched
+    return bench, bench.trained(cfg.method)
 
 
-def _zeroshot(variant, bench: Bench, run: RunSettings) -> dict[str, dict[str, float]]:
-    """Zero-shot classification and its change from the pretrained backbone. Only for strategies
-    that route an item on its own: class prompts have no true pair and no task."""
+def _probes(variant, bench: Bench) -> dict[str, dict]:
+    """The bench's probes (zero-shot classification, held-out retrieval) and their change from
+    the pretrained backbone. Only for strategies that route an item on its own: class prompts
+    and probe items have no true pair and no task."""
     strategy = variant.config.strategy
     if strategy not in ITEM_STRATEGIES or strategy == "oracle":
-        return {}
-    initial = bench.initial()["zeroshot_cls"]
-    out = {}
-    for probe, ds in bench.cls_probes.items():
-        top1 = zeroshot_classify(variant, ds, bench.templates(probe), run.eval_batch_size)["top1"]
-        out[probe] = {"top1": top1, "delta": top1 - initial[probe]["top1"]}
-    return out
+        return {"zeroshot_cls": {}, "probe_retrieval": {}}
+    initial, now = bench.initial(), bench.probe(variant)
+    return {
+        kind: {p: _last_value(_curve(initial[kind][p], v)) for p, v in now[kind].items()}
+        for kind in now
+    }
+
+
+def _curve(first: dict, last: dict) -> Any:
+    """A two-step probe entry (pretrained, variant) in the schema's shape."""
+    from .eval.schema import ClassificationProbe, RetrievalProbe
+
+    if "top1" in last:
+        return ClassificationProbe(
+            top1=[first["top1"], last["top1"]],
+            ci={"top1": [first.get("ci", {}).get("top1"), last["ci"]["top1"]]},
+        )
+    return RetrievalProbe(
+        **{d: {k: [first[d][k], last[d][k]] for k in last[d]} for d in DIRECTIONS},
+        ci={d: {k: [None, last["ci"][d][k]] for k in last[d]} for d in DIRECTIONS},
+    )
+
+
+def _last_value(probe) -> dict:
+    """A probe's value after the last step, its interval and its change from the first step."""
+    if hasattr(probe, "top1") and probe.top1:
+        return {
+            "top1": probe.top1[-1],
+            "ci": probe.ci.get("top1", [None])[-1],
+            "delta": probe.top1[-1] - probe.top1[0],
+        }
+    return {
+        d: {
+            k: {
+                "value": v[-1],
+                "ci": (probe.ci.get(d) or {}).get(k, [None])[-1],
+                "delta": v[-1] - v[0],
+            }
+            for k, v in getattr(probe, d).items()
+        }
+        for d in DIRECTIONS
+    }
 
 
 def _check_reusable(bench: Bench, method: str) -> None:
@@ -233,9 +294,50 @@ def _bench_config(
 
 
 # --- summaries -------------------------------------------------------------------------------
-def _mean_recall(recalls: list[dict]) -> dict[str, dict[str, float]]:
-    """Average over tasks of the final per-task Recall@K (paper Table 1's "Avg.")."""
-    return {d: {k: mean(r[d][k] for r in recalls) for k in recalls[0][d]} for d in DIRECTIONS}
+def _final_row(ranks: dict, tasks: list[str]) -> tuple[dict, dict]:
+    """Per-task recall after the last task (``ranks`` hold that row) and its average
+    over tasks (paper Table 1's "Avg."), per-task and joint gallery, with 95 % intervals; and
+    the bootstrap replicates of the averages, for paired differences between variants."""
+    boot, last = BootstrapConfig(), len(tasks) - 1
+    row, replicates = {}, {}
+    for gallery, label in (("recall", ""), ("recall_joint", "_joint")):
+        cells = cell_replicates(ranks, tasks, boot)[gallery]  # only the last row is filled
+        per_task, final, final_ci = {}, {}, {}
+        for d in DIRECTIONS:
+            for k in CELL_KS:
+                values = [
+                    recall_from_ranks(ranks[rank_key(gallery, d, last, s)], [int(k[2:])])[k]
+                    for s in range(len(tasks))
+                ]
+                for task, v in zip(tasks, values, strict=True):
+                    per_task.setdefault(task, {}).setdefault(d, {})[k] = v
+                reps = cells[d][k][:, last, :].mean(-1)
+                final.setdefault(d, {})[k] = mean(values)
+                final_ci.setdefault(d, {})[k] = list(interval(reps, boot.level))
+                replicates[(gallery, d, k)] = reps
+        row.update(
+            {f"final{label}": final, f"final{label}_ci": final_ci, f"per_task{label}": per_task}
+        )
+    return row, replicates
+
+
+def _paired_with_first(rows: dict[str, dict], replicates: dict[str, dict]) -> None:
+    """Each variant's final average R@1 minus the first variant's, paired over the same
+    resampled test queries (``vs_first``: diff, 95 % interval, significant)."""
+    first = next(iter(rows))
+    for name, row in rows.items():
+        row["vs_first"] = {
+            gallery: {
+                d: paired_difference(
+                    row[f"final{label}"][d]["R@1"],
+                    rows[first][f"final{label}"][d]["R@1"],
+                    replicates[name][(gallery, d, "R@1")],
+                    replicates[first][(gallery, d, "R@1")],
+                ).as_dict()
+                for d in DIRECTIONS
+            }
+            for gallery, label in (("recall", ""), ("recall_joint", "_joint"))
+        }
 
 
 def _mean_accuracy(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -252,44 +354,54 @@ def _mean_accuracy(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def _markdown(cfg: AblationConfig, run: RunSettings, rows: dict[str, dict]) -> str:
     probes = sorted({p for row in rows.values() for p in row["zeroshot_cls"]})
-    head = [
-        "variant",
-        "settings",
-        "T→I R@1",
-        "I→T R@1",
-        "T→I R@5",
-        "I→T R@5",
-        "routed own (img/txt)",
-        "merged (img/txt)",
-        "bare (img/txt)",
-    ]
+    first = next(iter(rows))
+    head = ["variant", "settings"]
+    head += [f"{s} {k}" for k in ("R@1", "R@5") for s in ("T→I", "I→T")]
+    head += [f"{s} R@1 − {first}" for s in ("T→I", "I→T")]
+    head += ["routed own (img/txt)", "merged (img/txt)", "bare (img/txt)"]
     head += [f"{p} top-1 (Δ)" for p in probes]
     lines = [
         f"# Ablation `{cfg.name}`: {cfg.method} on {cfg.suite}, backbone {run.backbone}",
         "",
         cfg.description.strip(),
         "",
-        "Final average over tasks after the last task. *Routed own*: % of test images / captions "
-        "whose best adapter is their own task's (under the variant's strategy); *merged*: % "
-        "routed to two or more adapters; *bare*: % sent to the bare backbone (none route).",
+        "Final average over tasks after the last task (per-task galleries; the joint gallery's "
+        "is in ablation.json), `±h` = half-width of its 95 % bootstrap interval over test "
+        f"queries. *− {first}*: the difference from the first variant with its 95 % paired "
+        "interval (the same resampled queries), `*` where it excludes 0. *Routed own*: % of test "
+        "images / captions whose best adapter is their own task's (under the variant's "
+        "strategy); *merged*: % routed to two or more adapters; *bare*: % sent to the bare "
+        "backbone (none route).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for name, row in rows.items():
-        f = row["final"]
+        f, ci = row["final"], row["final_ci"]
         acc = next(iter(row["routing_accuracy"].values()), None)
         cells = [
             name,
             ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "–",
-            *(f"{f[d][k]:.1f}" for k in ("R@1", "R@5") for d in DIRECTIONS),
+            *(_pm(f[d][k], ci[d][k]) for k in ("R@1", "R@5") for d in DIRECTIONS),
+            *(_diff(row["vs_first"]["recall"][d], name == first) for d in DIRECTIONS),
             *(_pair(acc, key) for key in ("", "merged_", "bare_")),
         ]
         for p in probes:
             c = row["zeroshot_cls"].get(p)
-            cells.append(f"{c['top1']:.1f} ({c['delta']:+.1f})" if c else "–")
+            cells.append(f"{_pm(c['top1'], c['ci'])} ({c['delta']:+.1f})" if c else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pm(value: float, ci: list[float] | None) -> str:
+    return f"{value:.1f}" if ci is None else f"{value:.1f} ±{(ci[1] - ci[0]) / 2:.1f}"
+
+
+def _diff(c: dict, itself: bool) -> str:
+    if itself:
+        return "–"
+    star = "*" if c["significant"] else ""
+    return f"{c['diff']:+.1f} [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]{star}"
 
 
 def _pair(accuracy: dict | None, prefix: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .backbones import load_backbone
 from .data.dataset import ImageCaptionDataset
@@ -49,7 +50,7 @@ from .eval.retrieval import (
 from .eval.schema import clip_benchmark_keys, save_results
 from .eval.seeds import aggregate_seeds
 from .eval.zeroshot import DEFAULT_TEMPLATES, accuracy_from_ranks, classification_ranks
-from .methods import TaskContext, build_method
+from .methods import METHODS, TaskContext, _load_all, build_method  # noqa: F401  (registry)
 from .methods.base import check_options
 from .train.loop import TrainConfig, check_train_setting, train_task
 from .utils import (
@@ -230,12 +231,12 @@ class Bench:
         (``ci``): {kind: {probe: value}}."""
         bs, boot = self.cfg.eval_batch_size, self.boot
         cls = {}
-        for name, ds in self.cls_probes.items():
+        for name, ds in self._bar(self.cls_probes.items(), "zero-shot classification probes"):
             r = classification_ranks(encoder, ds, self.templates(name), bs)
             ci = {f"top{k}": recall_interval(r, k, boot, f"zeroshot_cls/{name}") for k in (1, 5)}
             cls[name] = {**accuracy_from_ranks(r), "ci": ci}
         ret = {}
-        for name, ds in self.ret_probes.items():
+        for name, ds in self._bar(self.ret_probes.items(), "retrieval probes"):
             (query_ranks,) = evaluate_seen([embed_dataset(encoder, ds, bs)])["recall"]
             ret[name] = {d: recall_from_ranks(r, KS) for d, r in query_ranks.items()}
             ret[name]["ci"] = {
@@ -263,6 +264,13 @@ class Bench:
             self.results["initial"] = self.probe(self._fresh_backbone())
         return self.results["initial"]
 
+    def _bar(self, items, desc: str):
+        """Progress over an evaluation step, shown as training shows its own (``--no-progress``
+        hides both): the backbone's zero-shot evaluation before the first task takes minutes."""
+        items = list(items)
+        show = self.cfg.train_overrides.get("progress", True) and bool(items)
+        return tqdm(items, desc=desc, unit="set", leave=False, disable=not show)
+
     def templates(self, probe: str) -> list[str]:
         """A classification probe's own prompt templates, else the run's."""
         return self.suite.task(probe).templates or self.cfg.templates
@@ -288,7 +296,7 @@ class Bench:
         if "zeroshot_order" not in self.results:
             backbone = self._fresh_backbone()
             scores = {}
-            for name in names:
+            for name in self._bar(names, "zero-shot recall for the task order"):
                 recall, _ = evaluate_retrieval(backbone, self.tests[name], self.cfg.eval_batch_size)
                 scores[name] = 0.5 * (recall["t2i"]["R@1"] + recall["i2t"]["R@1"])
             self.results["zeroshot_order"] = scores
@@ -367,6 +375,13 @@ class Bench:
         self.results["methods"][name] = record
         self._save()
 
+    def trained(self, name: str):
+        """Method ``name`` as this run's last checkpoint left it (for re-evaluation)."""
+        method = self._build(name)
+        if self._restore(name, method, {}) == 0:
+            raise ValueError(f"{self.out}: no checkpoint of method {name}")
+        return method
+
     def _restore(self, name: str, method, record: dict) -> int:
         progress = self.out / "checkpoints" / name / "progress.json"
         if not progress.exists():
@@ -422,6 +437,9 @@ def _check_arguments(cfg: BenchConfig) -> dict[str, tuple[TrainConfig, dict]]:
     if not cfg.methods:
         raise ValueError("--methods: no method given")
     _check_unique(cfg.methods, "--methods: method")
+    if unknown := [m for m in cfg.methods if m not in METHODS]:
+        known = ", ".join(sorted(METHODS))
+        raise ValueError(f"--methods: unknown method {unknown[0]!r}; known: {known}")
     if extra := sorted(set(cfg.method_options) - set(cfg.methods)):
         methods = ", ".join(cfg.methods)
         raise ValueError(f"--set {extra[0]}.…: method {extra[0]!r} is not in --methods ({methods})")
