@@ -149,7 +149,14 @@ def tsv(
 
 
 def iso(deltas: Tensor, weights: Tensor | None = None, *, lam: float = 1.0) -> Tensor:
-    """Iso-C: weighted sum, then every singular value replaced by their mean (flat spectrum)."""
+    """Iso-C: weighted sum, then every singular value replaced by their mean (flat spectrum).
+
+    As the weights (w, 1 − w) tend to (1, 0) the result tends to the *flattened* first update,
+    not to the first update that an unmerged item uses: in DAR an item's update jumps when its
+    margin crosses γ (measured by benchmarks/bench_merge_jump.py; task arithmetic does not).
+    On full (m × n) low-rank updates most singular values are zero: their mean is diluted and
+    their singular vectors (arbitrary for a zero singular value) enter the result; in core space
+    only the Σr meaningful ones are flattened."""
     merged = _weighted(deltas, weights).sum(-3)
     u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     return lam * s.mean(-1)[..., None, None] * (u @ vh)
