@@ -1,5 +1,7 @@
-"""Evaluation: retrieval Recall@K, zero-shot classification, continual metrics, reports."""
+"""Evaluation: retrieval Recall@K, zero-shot classification, continual metrics, bootstrap
+intervals, the results schema, reports."""
 
+from cmrkit.eval.bootstrap import BootstrapConfig, paired_difference, recall_interval
 from cmrkit.eval.metrics import (
     average_incremental,
     backward_transfer,
@@ -18,10 +20,18 @@ from cmrkit.eval.retrieval import (
     joint_recall,
     recall_at_k,
 )
+from cmrkit.eval.schema import Results, load_results, save_results, validate_results
 from cmrkit.eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, zeroshot_classify
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "BootstrapConfig",
+    "Results",
+    "load_results",
+    "paired_difference",
+    "recall_interval",
+    "save_results",
+    "validate_results",
     "DatasetEmbeddings",
     "average_incremental",
     "backward_transfer",
