@@ -15,7 +15,7 @@ QUICK_TEMPLATES = ["a photo of a {}."]
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="cmrkit", description=__doc__)
+    parser = _Parser(prog="cmrkit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cmrkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
@@ -33,6 +33,26 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"cmrkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the command (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _whole_number(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def _extra_commands():
@@ -65,7 +85,7 @@ def _common_data_args(p: argparse.ArgumentParser) -> None:
         help="skip missing/unreadable images and malformed rows (counts recorded)",
     )
     p.add_argument("--holdout", default="", help="comma-separated tasks to use as held-out probes")
-    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--eval-batch-size", type=_whole_number(1), default=512)
     p.add_argument("--device", default=None)
 
 
@@ -150,13 +170,19 @@ def _run_bench(args) -> int:
         raise ValueError("--seed and --seeds: give one of them")
     results = run_seeds(cfg, seeds) if seeds else run_bench(cfg)
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    failed = 0
     for name, record in results["methods"].items():
+        if record.get("failed"):
+            failed += 1
+            print(f"{name:>16}: FAILED: {record['failed']}")
+            print(f"cmrkit bench: error: {record['failed']}", file=sys.stderr)
+            continue
         final = record["metrics"]["final_avg"]
         print(
             f"{name:>16}: final avg R@1  T2I {final['t2i']['R@1']:.1f}  "
             f"I2T {final['i2t']['R@1']:.1f}"
         )
-    return 0
+    return 1 if failed else 0
 
 
 def _method_options(pairs: list[str]) -> dict[str, dict]:
@@ -229,8 +255,12 @@ def _run_eval(args) -> int:
     from .data.suites import load_suite
     from .eval.retrieval import evaluate_retrieval
     from .eval.zeroshot import zeroshot_classify
-    from .utils import write_json
+    from .utils import check_writable_dir, write_json
 
+    if args.out:  # proved writable now, not after all the work
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: is a folder; give a JSON file path")
+        check_writable_dir(Path(args.out).parent, "--out")
     suite = load_suite(args.suite, args.data_root, skip_bad=args.skip_bad)
     suite.holdout(_split(args.holdout))
     backbone = load_backbone(args.backbone)
