@@ -433,14 +433,20 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (ablation.md, ablation.json)")
     p.add_argument("--train-dir", help="where the shared DAR run lives (default OUT/train)")
     p.add_argument("--suite", help="override the YAML's suite")
-    p.add_argument("--backbone", default="cmrkit-mini")
-    p.add_argument("--data-root")
-    p.add_argument("--device")
+    p.add_argument(
+        "--backbone",
+        default="cmrkit-mini",
+        help="cmrkit-mini | hf:NAME_OR_PATH | open_clip:ARCH[:TAG] | tiny-*",
+    )
+    p.add_argument("--data-root", help="data root (default: $CMRKIT_DATA, else ../shared/data)")
+    p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cpu)")
     p.add_argument("--quick", action="store_true", help="1 epoch, batch 64, one prompt template")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-train-items", type=int)
-    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--epochs", type=float, help="epochs per task")
+    p.add_argument("--max-steps", type=int, help="cap optimizer steps per task (smoke runs)")
+    p.add_argument("--max-train-items", type=int, help="cap training items per task")
+    p.add_argument(
+        "--eval-batch-size", type=int, default=512, help="images or captions per evaluation batch"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -448,7 +454,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         metavar="METHOD.KEY=VALUE",
         help="one method's option or training setting, as in `cmrkit bench` (dar.lr=1e-3)",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run(args) -> int:

@@ -1,4 +1,4 @@
-"""The ``cmrkit`` command."""
+"""The cmrkit command."""
 
 from __future__ import annotations
 
@@ -10,14 +10,44 @@ from pathlib import Path
 
 QUICK = {"epochs": 1, "batch_size": 64, "warmup_epochs": 0}
 QUICK_TEMPLATES = ["a photo of a {}."]
+DESCRIPTION = (
+    "Continual multimodal retrieval: benchmark runs of continual methods (bench, ablate), the "
+    "embedded backbone (pretrain, eval), data checks, adapter banks, a gallery index. "
+    "Run 'cmrkit COMMAND --help' for a command's options."
+)
+# Modules of the optional extras, by the extra that installs them (pip install 'cmrkit[EXTRA]').
+OPTIONAL_EXTRAS = {
+    "peft": "peft",
+    "datasets": "hub",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+    "httpx": "serve",
+}
+PRETRAIN_HELP = {
+    "out": "where to write the image tower (default: the shipped weights file)",
+    "steps": "optimizer steps",
+    "batch_size": "image-caption pairs per step",
+    "lr": "peak learning rate (AdamW, cosine after warm-up)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear warm-up steps",
+    "synthetic_per_style": "generated scenes per rendering style added to cmr-base",
+    "base_items_per_source": "cap on cmr-base items per source (default: all; a cap is for tests)",
+    "caption_tokens": "captions are truncated to this many tokens when embedded",
+    "seed": "random seed (the build is bit for bit reproducible for a seed and thread count)",
+    "threads": "torch threads (part of what makes the build reproducible)",
+    "crop_pad": "images are stored this many pixels larger and randomly cropped",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
-    parser = _Parser(prog="cmrkit", description=__doc__)
+    parser = _Parser(prog="cmrkit", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"cmrkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of the commands below"
+    )
     _bench_parser(sub)
     _pretrain_parser(sub)
     _eval_parser(sub)
@@ -30,9 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     try:
         return args.run(args) or 0
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # FileNotFoundError, PermissionError, DataError, ...
         print(f"cmrkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if not e.name or e.name.partition(".")[0] == "cmrkit":
+            raise  # a broken installation, not a user's choice of feature
+        print(f"cmrkit {args.command}: error: {_missing_package(e.name)}", file=sys.stderr)
+        return 2
+
+
+def _missing_package(module: str) -> str:
+    top = module.partition(".")[0]
+    extra = OPTIONAL_EXTRAS.get(top)
+    how = f"pip install 'cmrkit[{extra}]'" if extra else f"pip install {top}"
+    return f"this needs the optional package {top!r}, which is not installed ({how})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,8 +127,15 @@ def _common_data_args(p: argparse.ArgumentParser) -> None:
         help="skip missing/unreadable images and malformed rows (counts recorded)",
     )
     p.add_argument("--holdout", default="", help="comma-separated tasks to use as held-out probes")
-    p.add_argument("--eval-batch-size", type=_whole_number(1), default=512)
-    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--eval-batch-size",
+        type=_whole_number(1),
+        default=512,
+        help="images or captions per evaluation batch",
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cpu)"
+    )
 
 
 # --- bench ------------------------------------------------------------------------------------
@@ -109,13 +158,13 @@ def _bench_parser(sub) -> None:
         action="store_true",
         help="quick settings: 1 epoch, batch 64, one prompt template",
     )
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--epochs", type=float, help="epochs per task, for every method")
+    p.add_argument("--batch-size", type=int, help="training batch size, for every method")
+    p.add_argument("--lr", type=float, help="learning rate, for every method")
+    p.add_argument("--grad-accum", type=int, help="batches accumulated per optimizer step")
     p.add_argument("--max-steps", type=int, help="cap optimizer steps per task (smoke runs)")
     p.add_argument("--max-train-items", type=int, help="cap training items per task")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="training seed (every task is seeded from it)")
     p.add_argument(
         "--seeds",
         help="comma-separated training seeds (0,1,2): the whole run is repeated per seed in "
@@ -129,7 +178,7 @@ def _bench_parser(sub) -> None:
         help="override one method's option or training setting, e.g. dar.rank=8, finetune.lr=5e-5 "
         "(repeatable)",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_bench)
 
 
@@ -219,10 +268,12 @@ def _pretrain_parser(sub) -> None:
     defaults = PretrainConfig(data_root="")
     for f in fields(PretrainConfig):
         if f.name != "data_root":
+            default = getattr(defaults, f.name)
             p.add_argument(
                 f"--{f.name.replace('_', '-')}",
-                type=type(getattr(defaults, f.name)),
-                default=getattr(defaults, f.name),
+                type=int if default is None else type(default),  # None: an optional count
+                default=default,
+                help=PRETRAIN_HELP[f.name],
             )
     p.set_defaults(run=_run_pretrain)
 
@@ -297,7 +348,12 @@ def _run_eval(args) -> int:
 # --- data check -------------------------------------------------------------------------------
 def _data_parser(sub) -> None:
     p = sub.add_parser("data", help="data utilities")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
+    data_sub = p.add_subparsers(
+        dest="data_command",
+        required=True,
+        metavar="SUBCOMMAND",
+        help="one of the data commands below",
+    )
     check = data_sub.add_parser("check", help="counts, missing files and manifest hashes")
     check.add_argument("path", help="an imagefolder split, or a folder of them with manifest.json")
     check.add_argument("--skip-bad", action="store_true", help="report bad rows instead of failing")

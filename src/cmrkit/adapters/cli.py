@@ -8,10 +8,15 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("adapters", help="adapter banks: info, PEFT export and import")
-    cmd = p.add_subparsers(dest="adapters_command", required=True)
+    cmd = p.add_subparsers(
+        dest="adapters_command",
+        required=True,
+        metavar="SUBCOMMAND",
+        help="one of the adapters commands below",
+    )
 
     info = cmd.add_parser("info", help="describe a bank folder or a PEFT adapter folder")
-    info.add_argument("path")
+    info.add_argument("path", help="a bank folder (bank.json) or a PEFT adapter folder")
     info.set_defaults(run=_run_info)
 
     export = cmd.add_parser("export-peft", help="write one adapter of a bank in PEFT's layout")

@@ -14,7 +14,12 @@ from cmrkit.index.gallery import GalleryIndex
 
 def register(sub) -> None:
     p = sub.add_parser("index", help="build, update and search a routed gallery index")
-    isub = p.add_subparsers(dest="index_command", required=True)
+    isub = p.add_subparsers(
+        dest="index_command",
+        required=True,
+        metavar="SUBCOMMAND",
+        help="one of the index commands below",
+    )
 
     b = isub.add_parser("build", help="embed a gallery with a DAR adapter bank")
     b.add_argument("--adapters", required=True, help="adapter bank folder (DAR checkpoint)")
@@ -22,37 +27,37 @@ def register(sub) -> None:
     src.add_argument("--imagefolder", help="a Hugging Face imagefolder split")
     src.add_argument("--suite", help="a suite name or YAML: its tasks' split, jointly")
     b.add_argument("--tasks", default="", help="with --suite: comma-separated tasks (default all)")
-    b.add_argument("--split", default="test")
+    b.add_argument("--split", default="test", help="with --suite: the split to index")
     b.add_argument("--data-root", help="data root for --suite (default: $CMRKIT_DATA)")
     b.add_argument("--out", required=True, help="index folder")
     _common(b, backbone=True)
     b.set_defaults(run=_run_build)
 
     u = isub.add_parser("update", help="bring an index up to a new adapter bank")
-    u.add_argument("--index", required=True)
+    u.add_argument("--index", required=True, help="index folder")
     u.add_argument("--adapters", required=True, help="the new adapter bank folder")
     _common(u)
     u.set_defaults(run=_run_update)
 
     s = isub.add_parser("search", help="text and/or image queries against an index")
-    s.add_argument("--index", required=True)
+    s.add_argument("--index", required=True, help="index folder")
     s.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
     s.add_argument("--image", action="append", default=[], help="an image query (repeatable)")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", type=int, default=10, help="results per query")
     s.add_argument("--adapters", help="adapter bank (default: the one the index was built with)")
     _common(s)
     s.set_defaults(run=_run_search)
 
     i = isub.add_parser("info", help="size, adapter fingerprint and route counts of an index")
-    i.add_argument("--index", required=True)
+    i.add_argument("--index", required=True, help="index folder")
     i.set_defaults(run=_run_info)
 
 
 def _common(p: argparse.ArgumentParser, backbone: bool = False) -> None:
     if backbone:
         p.add_argument("--backbone", help="backbone spec (default: the one the bank names)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=64, help="items per embedding batch")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda, cpu (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
