@@ -139,6 +139,7 @@ def _ds(style, n, seed):
 def _dar_task(batch_size):
     """One DAR task (no dropout: its masks are drawn per rank), then its routed evaluation."""
     train, test = _ds("flat", 16, seed=0), _ds("flat", 10, seed=5)
+    torch.manual_seed(0)  # the adapter's initialisation, as bench seeds each task
     backbone = load_backbone("tiny-mini")
     for module in backbone.modules():  # the frozen backbone's dropout is drawn per rank too
         if isinstance(module, torch.nn.Dropout):
@@ -154,20 +155,41 @@ def _dar_task(batch_size):
 
 
 def test_dar_task_on_two_ranks_equals_one_rank_with_double_batch(tmp_path):
-    (ref_stats, ref_state, ref_recall, ref_emb), = run_ranks(_dar_task, tmp_path, 8, world=1)
+    ((ref_stats, ref_state, ref_recall, ref_emb),) = run_ranks(_dar_task, tmp_path, 8, world=1)
     ranks = run_ranks(_dar_task, tmp_path, 4)
     assert ref_stats["steps"] == 4  # 16 items, 2 epochs of 2 steps at global batch 8
     for stats, state, recall, emb in ranks:
         assert stats["steps"] == ref_stats["steps"]
         # The logged loss is the mean over ranks of local losses = the global batch's loss.
         assert stats["loss"] == pytest.approx(ref_stats["loss"], abs=1e-5)
-        # Adapters and prototypes: Adam steps of identical gradients up to float summation
-        # order (~1e-7 relative), so 1e-5 absolute on weights of order 1e-2..1.
+        # Adapters and prototypes: the gradients agree up to float summation order (~1e-7
+        # relative), but Adam divides by sqrt(v), so where a gradient is near zero that rounding
+        # moves a weight by up to ~1e-3 of a step (lr 1e-2): measured 9.3e-6 after 4 steps.
+        # 5e-5 is 0.5 % of one step, far below any real difference (a wrong batch: ~0.3).
         assert state.keys() == ref_state.keys()
         for key, ref in ref_state.items():
-            torch.testing.assert_close(state[key], ref, atol=1e-5, rtol=0, msg=key)
+            torch.testing.assert_close(state[key], ref, atol=5e-5, rtol=0, msg=key)
         # Sharded evaluation embedding gathered back in order; recall identical.
         torch.testing.assert_close(emb, ref_emb, atol=1e-5, rtol=0)
         assert recall == ref_recall
     adapter = [k for k in ref_state if "lora_B" in k]
     assert adapter and max(ref_state[k].abs().max() for k in adapter) > 1e-3  # it did train
+
+
+def _ewc_fisher():
+    train = _ds("outline", 10, seed=3)
+    torch.manual_seed(0)
+    method = build_method("ewc", load_backbone("tiny-mini"), fisher_batches=3)
+    cfg = TrainConfig(batch_size=4, progress=False)
+    return method.fisher(TaskContext(0, train.name, train, cfg, [train.name]))
+
+
+def test_ewc_fisher_on_two_ranks_equals_one_process(tmp_path):
+    ref = _ewc_fisher()  # batches of 4, 4 and 2 items; rank 0 takes the 1st and 3rd
+    assert max(float(f.abs().max()) for f in ref.values()) > 0
+    for fisher in run_ranks(_ewc_fisher, tmp_path):
+        assert fisher.keys() == ref.keys()
+        for name, f in ref.items():
+            # float summation order only: measured 1.7e-7 of each tensor's largest entry
+            scale = float(f.abs().max())
+            torch.testing.assert_close(fisher[name], f, atol=1e-6 * scale, rtol=0, msg=name)

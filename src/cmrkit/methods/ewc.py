@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..backbones.base import DualEncoder, TextBatch
+from ..train import distributed
 from ..train.loop import make_loader
 from ..train.losses import contrastive_loss
 from .base import ContinualMethod, TaskContext, register
@@ -106,7 +107,9 @@ class EWC(ContinualMethod):
         limit = min(len(ds), self.fisher_batches * cfg.batch_size)
         gen = torch.Generator().manual_seed(seed)
         keep = sorted(torch.randperm(len(ds), generator=gen)[:limit].tolist())
-        loader = make_loader(ds.subset(keep), self.backbone, cfg, seed, train=False)
+        chunks = [range(i, min(i + cfg.batch_size, limit)) for i in range(0, limit, cfg.batch_size)]
+        mine = distributed.my_share(chunks)  # under torchrun: the ranks' sums are added below
+        loader = make_loader(ds.subset(keep), self.backbone, cfg, seed, train=False, batches=mine)
         params = self._params()
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         device, batches = self.backbone.device, 0
@@ -124,6 +127,9 @@ class EWC(ContinualMethod):
                 batches += 1
         finally:
             self.backbone.train(was_training)
+        for f in fisher.values():
+            distributed.all_reduce_sum_(f)
+        batches = distributed.all_reduce_sum_(torch.tensor([batches]))[0].item()
         return {n: f / max(batches, 1) for n, f in fisher.items()}
 
     # --- checkpoints --------------------------------------------------------------------------

@@ -214,14 +214,19 @@ def no_sync(step: Any, sync: bool) -> Iterator[None]:
 
 
 # --- data ---------------------------------------------------------------------------------------
-def sampler(dataset: Any, seed: int, shuffle: bool) -> Any:
+def sampler(dataset: Any, seed: int) -> Any:
     """Under a process group, each rank's share of one seeded permutation (torch's
     ``DistributedSampler``, padded so all ranks see as many batches); None otherwise."""
     if not is_active():
         return None
     from torch.utils.data.distributed import DistributedSampler
 
-    return DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
+    return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+
+
+def my_share(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items``, round robin (item j goes to rank j mod N), in order."""
+    return list(items[rank() :: world_size()])
 
 
 def set_epoch(loader: Any, epoch: int) -> None:

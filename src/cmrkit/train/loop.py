@@ -104,8 +104,11 @@ class PairDataset(Dataset):
         return self.transform(image, rng), caption
 
 
-def make_loader(ds: ImageCaptionDataset, backbone, cfg: TrainConfig, seed: int, train=True):
-    """A loader of (pixels, tokens, captions); ``train`` uses augmentation and shuffling."""
+def make_loader(
+    ds: ImageCaptionDataset, backbone, cfg: TrainConfig, seed: int, train=True, batches=None
+):
+    """A loader of (pixels, tokens, captions); ``train`` uses augmentation and shuffling;
+    ``batches`` (lists of item indices) fixes the batches instead (e.g. one rank's share)."""
     transform = backbone.train_transform if train else backbone.image_transform
     pairs = PairDataset(ds, transform, seed)
 
@@ -114,18 +117,18 @@ def make_loader(ds: ImageCaptionDataset, backbone, cfg: TrainConfig, seed: int, 
         captions = [b[1] for b in batch]
         return pixels, backbone.tokenize(captions), captions
 
-    gen = torch.Generator().manual_seed(seed)
-    sampler = distributed.sampler(pairs, seed, shuffle=train)  # None in one process
-    return DataLoader(
-        pairs,
-        batch_size=cfg.batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        drop_last=False,
-        collate_fn=collate,
-        generator=gen,
-        num_workers=cfg.num_workers,
-    )
+    if batches is not None:
+        order = {"batch_sampler": batches}
+    else:
+        sampler = distributed.sampler(pairs, seed) if train else None  # None in one process
+        order = {
+            "batch_size": cfg.batch_size,
+            "shuffle": train and sampler is None,
+            "sampler": sampler,
+            "drop_last": False,
+            "generator": torch.Generator().manual_seed(seed),
+        }
+    return DataLoader(pairs, collate_fn=collate, num_workers=cfg.num_workers, **order)
 
 
 def _number(text: str) -> float | str:
