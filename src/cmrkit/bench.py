@@ -52,6 +52,7 @@ from .eval.seeds import aggregate_seeds
 from .eval.zeroshot import DEFAULT_TEMPLATES, accuracy_from_ranks, classification_ranks
 from .methods import METHODS, TaskContext, _load_all, build_method  # noqa: F401  (registry)
 from .methods.base import check_options
+from .train import distributed
 from .train.loop import TrainConfig, check_train_setting, train_task
 from .utils import (
     NonFiniteError,
@@ -120,7 +121,8 @@ class Bench:
         self._check_same_run()
         for name in cfg.methods:  # fail now, not after hours of the methods before it
             self._build(name)
-        remove_stale_temps(self.out)  # of atomic writes cut short by a kill
+        if distributed.is_main():  # under torchrun, rank 0 alone touches files
+            remove_stale_temps(self.out)  # of atomic writes cut short by a kill
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -143,7 +145,8 @@ class Bench:
         self._compare(tasks)
         self.results["wall_s"] = self.results.get("wall_s", 0.0) + time.time() - started
         self._save()
-        write_report(self.results, self.out)
+        if distributed.is_main():
+            write_report(self.results, self.out)
         return self.results
 
     def _run_method(self, name: str, tasks: list[str]) -> None:
@@ -309,7 +312,8 @@ class Bench:
 
     # --- files --------------------------------------------------------------------------------
     def _save(self) -> None:
-        save_results(self.out / "results.json", self.results)
+        if distributed.is_main():
+            save_results(self.out / "results.json", self.results)
 
     def _ranks_path(self, name: str) -> Path:
         return self.out / "ranks" / f"{name}.safetensors"
@@ -357,6 +361,9 @@ class Bench:
             raise ValueError(f"{what} holds a run with other settings: {'; '.join(diffs)}{fix}")
 
     def _checkpoint(self, name: str, method, record: dict, done: int) -> None:
+        if not distributed.is_main():  # the other ranks hold the same state; rank 0 writes it
+            self.results["methods"][name] = record
+            return
         folder = self.out / "checkpoints" / name
         weights = folder / f"state-after-{done}.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
@@ -582,6 +589,7 @@ def run_seeds(cfg: BenchConfig, seeds: list[int]) -> dict:
         dirs[seed] = sub.out
     results = aggregate_seeds(dirs, BootstrapConfig())
     results["config"] = {**results["config"], "out": str(out), "seeds": seeds}
-    save_results(out / "results.json", results)
-    write_report(results, out)
+    if distributed.is_main():
+        save_results(out / "results.json", results)
+        write_report(results, out)
     return results

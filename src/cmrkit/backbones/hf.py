@@ -79,8 +79,10 @@ def load_hf(name_or_path: str | Path) -> HFDualEncoder:
     A name that is neither a folder nor a reachable hub model, or a missing tokenizer library,
     is a one-line ValueError naming it.
     """
+    from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    hub_logging.set_verbosity_error()  # an unreachable hub is reported once, below, not per retry
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as e:
