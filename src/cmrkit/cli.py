@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     for register in _extra_commands():
         register(sub)
     args = parser.parse_args(argv)
+    from .train import distributed
     from .utils import quiet_transformers
 
     quiet_transformers()
+    distributed.init_from_env()  # under torchrun: join its process group (nccl or gloo)
     try:
         return args.run(args) or 0
     except (OSError, ValueError) as e:  # FileNotFoundError, PermissionError, DataError, ...
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a broken installation, not a user's choice of feature
         print(f"cmrkit {args.command}: error: {_missing_package(e.name)}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 def _missing_package(module: str) -> str:
