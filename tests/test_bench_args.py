@@ -72,6 +72,8 @@ BAD_ARGUMENTS = [
     (["--methods", "zeroshot,dar", "--set", "dar.rank=x"], "option rank must be int"),
     (["--methods", "zeroshot,ewc", "--set", "ewc.lam=x"], "option lam must be float"),
     (["--methods", "zeroshot,dar", "--set", "dar.merge_rule=nope"], "nope"),
+    (["--methods", "zeroshot,dar", "--set", "dar.rank=0"], "dar: rank must be >= 1"),
+    (["--methods", "zeroshot,lora_ft", "--set", "lora_ft.dropout=1.5"], "method lora_ft: "),
 ]
 
 

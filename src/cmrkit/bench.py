@@ -433,8 +433,9 @@ def method_config(
     own_options = {k: v for k, v in own.items() if k not in known}
     try:
         options = check_options(name, {**(defaults.get("options") or {}), **own_options})
-    except ValueError as e:
-        raise ValueError(f"{e}; training settings: {', '.join(sorted(known))}") from None
+    except ValueError as e:  # a misspelt key may have meant a training setting
+        hint = f"; training settings: {', '.join(sorted(known))}" if "unknown" in str(e) else ""
+        raise ValueError(f"{e}{hint}") from None
     return train_cfg, options
 
 

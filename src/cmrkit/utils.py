@@ -21,11 +21,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def task_seed(seed: int, task_index: int) -> int:
-    """The seed of one task's training randomness (shuffling, captions, crops, dropout)."""
-    return seed * 1000 + task_index
-
-
 def derived_seed(*parts: object) -> int:
     """A seed for one purpose (e.g. ``(seed, task, "hooks")``), stable across processes and
     independent of every other purpose's stream."""
