@@ -185,8 +185,9 @@ class Bench:
         seed_everything(derived_seed(train_cfg.seed, "init"))
         try:
             return build_method(name, self._fresh_backbone(), **options)
-        except TypeError as e:  # a value the method cannot take
-            raise ValueError(f"method {name}: {e}") from None
+        except (TypeError, ValueError) as e:  # a value the method cannot take
+            named = str(e).startswith((f"method {name}", f"{name}:"))
+            raise ValueError(str(e) if named else f"method {name}: {e}") from None
 
     def _run_tasks(self, name, method, record, tasks, start_task, train_cfg) -> None:
         seen: list[str] = tasks[:start_task]

@@ -63,6 +63,11 @@ class DAR(ContinualMethod):
     ) -> None:
         if unknown := set(routing) - set(ROUTER_OPTIONS):
             raise ValueError(f"{self.name}: unknown options {sorted(unknown)}")
+        if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:  # now, not at the first task
+            raise ValueError(
+                f"{self.name}: rank must be >= 1, alpha > 0 and dropout in [0, 1); got rank "
+                f"{rank}, alpha {alpha}, dropout {dropout}"
+            )
         self.validate_options(routing)
         super().__init__(
             backbone,
