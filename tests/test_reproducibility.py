@@ -215,6 +215,25 @@ def test_a_diverging_method_fails_by_name_and_the_others_go_on(suite_yaml, tmp_p
     assert "Failed" in report and "method finetune: non-finite loss" in report
 
 
+def test_a_model_broken_after_training_fails_in_evaluation(suite_yaml, tmp_path, monkeypatch):
+    from cmrkit.methods.finetune import FineTune
+
+    def break_the_projection(self, task):
+        if task.index == 1:
+            with torch.no_grad():
+                self.backbone.visual_projection.weight.fill_(float("inf"))
+
+    monkeypatch.setattr(FineTune, "end_task", break_the_projection)
+    out = tmp_path / "broken"
+    assert main(bench_args(suite_yaml, out, ["finetune", "zeroshot"])) == 1
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert methods["finetune"]["failed"].startswith(
+        "method finetune, evaluation after task 2: retrieval: image embeddings"
+    )
+    assert methods["finetune"]["recall"]["t2i"]["R@1"][0][0] is not None  # task 1 was fine
+    assert methods["zeroshot"]["complete"]
+
+
 def test_non_finite_embeddings_are_an_error_in_retrieval_and_zero_shot():
     images, texts = torch.eye(3), torch.eye(3)
     images[1, 0] = float("nan")
