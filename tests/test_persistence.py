@@ -307,3 +307,37 @@ def test_cmrkit_imports_an_adapter_peft_made_on_a_stock_clipmodel(clip_folder, t
     pixels, tokens = _clip_batch(backbone)
     ours = _cmrkit_features(backbone, bank, idx, pixels, tokens)
     assert _max_diff(ours, _stock_features(theirs, pixels, tokens)) < 1e-5
+
+
+def test_cli_round_trip_through_a_stock_clipmodel(clip_folder, tmp_path):
+    """PEFT adapter on a bare CLIPModel -> `adapters import-peft` -> `adapters export-peft` ->
+    PEFT on a bare CLIPModel again: the same outputs."""
+    peft = pytest.importorskip("peft")
+    from transformers import CLIPModel
+
+    from cmrkit.backbones.hf import CLIP_TARGETS
+    from cmrkit.cli import main
+    from cmrkit.data.synthetic import write_imagefolder
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=list(CLIP_TARGETS))
+    theirs = peft.get_peft_model(CLIPModel.from_pretrained(clip_folder), config).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs.save_pretrained(tmp_path / "theirs")
+    data = write_imagefolder(tmp_path / "flat", n=4, style="flat", seed=5, size=32)
+    spec = ["--backbone", f"hf:{clip_folder}"]
+    bank, out = str(tmp_path / "bank"), str(tmp_path / "back")
+    theirs_dir = str(tmp_path / "theirs")
+    argv = ["adapters", "import-peft", theirs_dir, "--bank", bank, "--data", str(data)]
+    argv += ["--name", "flat"]
+    assert main([*argv, *spec]) == 0
+    assert main(["adapters", "export-peft", bank, "--adapter", "flat", "--out", out, *spec]) == 0
+    base = json.loads((tmp_path / "back" / PEFT_CONFIG).read_text())["base_model_name_or_path"]
+    again = peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(base), out).eval()
+    backbone = load_backbone(f"hf:{clip_folder}")
+    pixels, tokens = _clip_batch(backbone)
+    first, second = (_stock_features(m, pixels, tokens) for m in (theirs, again))
+    assert _max_diff(first, second) < 1e-5
