@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -193,3 +194,85 @@ def test_ewc_fisher_on_two_ranks_equals_one_process(tmp_path):
             # float summation order only: measured 1.7e-7 of each tensor's largest entry
             scale = float(f.abs().max())
             torch.testing.assert_close(fisher[name], f, atol=1e-6 * scale, rtol=0, msg=name)
+
+
+# --- bench under torchrun: rank 0 writes, --resume with the same N ----------------------------
+BENCH_SUITE = """
+name: tiny
+order: given
+tasks:
+  - {name: flat, train: {synthetic: {style: flat, n: 16, seed: 1, size: 32}},
+     test: {synthetic: {style: flat, n: 8, seed: 11, size: 32}}}
+  - {name: pixel, train: {synthetic: {style: pixel, n: 16, seed: 2, size: 32}},
+     test: {synthetic: {style: pixel, n: 8, seed: 12, size: 32}}}
+probes:
+  classification:
+    - {name: shapes, test: {synthetic: {style: flat, n: 8, seed: 21, size: 32}}}
+"""
+
+
+def _json(obj):
+    return json.loads(json.dumps(obj))  # tuples as lists, as a resumed record reads them
+
+
+class _Killed(Exception):
+    pass
+
+
+def _bench(suite, out, crash_in_task=None, resume=False):
+    import cmrkit.bench as bench_module
+
+    writes = []
+    real_train, real_save = bench_module.train_task, bench_module.save_results
+
+    def train(method, ds, cfg, task_index):
+        if task_index == crash_in_task:
+            raise _Killed
+        return real_train(method, ds, cfg, task_index)
+
+    def save(path, results):
+        writes.append(str(path))
+        real_save(path, results)
+
+    bench_module.train_task, bench_module.save_results = train, save
+    cfg = bench_module.BenchConfig(
+        suite=suite,
+        methods=["dar"],
+        out=out,
+        backbone="tiny-mini",
+        train_overrides={"epochs": 1, "batch_size": 4, "lr": 1e-2, "progress": False},
+        method_options={"dar": {"rank": 2}},
+        eval_batch_size=4,
+        templates=["a photo of a {}."],
+        device="cpu",
+        resume=resume,
+    )
+    try:
+        return bench_module.run_bench(cfg)["methods"]["dar"], writes
+    except _Killed:
+        return None, writes
+    finally:
+        bench_module.train_task, bench_module.save_results = real_train, real_save
+
+
+def _bench_killed_then_resumed(suite, tmp):
+    whole, writes = _bench(suite, f"{tmp}/whole")
+    assert _bench(suite, f"{tmp}/killed", crash_in_task=1)[0] is None
+    resumed, _ = _bench(suite, f"{tmp}/killed", resume=True)
+    return whole, resumed, writes
+
+
+def test_bench_on_two_ranks_resumes_and_only_rank_0_writes(tmp_path):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(BENCH_SUITE)
+    (whole0, resumed0, writes0), (whole1, resumed1, writes1) = run_ranks(
+        _bench_killed_then_resumed, tmp_path, str(suite), str(tmp_path)
+    )
+    assert writes0 and not writes1  # rank 1 never wrote results.json
+    assert whole0["recall"] == whole1["recall"]  # every rank computed the same numbers
+    for key in ("recall", "recall_joint", "metrics", "zeroshot_cls"):
+        assert _json(resumed0[key]) == _json(whole0[key]), key
+    assert [s["loss"] for s in resumed0["train_stats"]] == [
+        s["loss"] for s in whole0["train_stats"]
+    ]
+    assert not list(tmp_path.rglob("*.tmp"))
