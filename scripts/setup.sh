@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 if [ ! -f .venv/.cmrkit-installed ] || [ pyproject.toml -nt .venv/.cmrkit-installed ]; then
   $PIP install "torch==2.13.0"
-  $PIP install -e ".[dev,hub,peft]"
+  $PIP install -e ".[dev,hub,peft,serve]"
   touch .venv/.cmrkit-installed
 fi
