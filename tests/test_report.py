@@ -168,3 +168,38 @@ def test_resampled_queries_are_fixed_by_name_not_by_run():
     cfg = BootstrapConfig(200, 0.95, 0)
     assert recall_interval(r, 1, cfg, "recall/t2i/x") == recall_interval(r, 1, cfg, "recall/t2i/x")
     assert recall_interval(r, 1, cfg, "recall/t2i/x") != recall_interval(r, 1, cfg, "recall/t2i/y")
+
+
+def test_a_resumed_run_has_the_same_intervals_and_comparisons(suite_yaml, tiny_run, tmp_path):
+    """Per-query ranks are checkpointed with the method: a run killed after its first task and
+    resumed ends with the intervals of the uninterrupted run."""
+    import cmrkit.bench as bench_module
+
+    real_train = bench_module.train_task
+
+    def crash_in_second_task(method, ds, cfg, task_index):
+        if task_index == 1:
+            raise KeyboardInterrupt("killed")
+        return real_train(method, ds, cfg, task_index)
+
+    cfg = BenchConfig(
+        suite=str(suite_yaml),
+        methods=["zeroshot", "finetune"],
+        out=str(tmp_path / "crashed"),
+        backbone="tiny-mini",
+        train_overrides=dict(TRAIN),
+        templates=["a photo of a {}."],
+    )
+    bench_module.train_task = crash_in_second_task
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_bench(cfg)
+    finally:
+        bench_module.train_task = real_train
+    cfg.resume = True
+    resumed = run_bench(cfg)
+    reference = json.loads((tiny_run / "results.json").read_text())
+    for name in ("zeroshot", "finetune"):
+        for key in ("recall_ci", "recall_joint_ci", "metrics_ci", "clip_benchmark"):
+            assert resumed["methods"][name][key] == reference["methods"][name][key], key
+    assert resumed["comparisons"] == reference["comparisons"]
