@@ -29,7 +29,7 @@ from cmrkit.backbones import load_backbone
 from cmrkit.data.suites import load_suite
 from cmrkit.merging import merge
 from cmrkit.methods import build_method
-from cmrkit.routing import embed_routed, route_dataset, routing_features
+from cmrkit.routing import Route, embed_routed, route_dataset, routing_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, table  # noqa: E402
@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--suite", default=None, help="default: the run's suite")
     p.add_argument("--data-root", default=None)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-items", type=int, default=200, help="test images per task (part 2)")
     args = p.parse_args()
     torch.set_num_threads(1)
     method, results = _restore(Path(args.run), args.method)
@@ -58,11 +59,12 @@ def main() -> None:
     print(table(["rule", "w = (0.92, 0.08): at γ", "w = (0.5, 0.5)"], rows) + "\n")
     suite = load_suite(args.suite or results["suite"], args.data_root)
     print("## 2. embedding shift of the items the router merges, 1 − cos(z_rule, z_top-1)")
-    print("(mean over merged test items of every task; images and captions)\n")
+    print(f"(mean over merged items among the first {args.max_items} test images of each task")
+    print("and their captions)\n")
     print(
         table(
             ["rule", "merged images", "image shift", "merged captions", "caption shift"],
-            _shifts(method, suite, results["tasks"], args.batch_size),
+            _shifts(method, suite, results["tasks"], args.batch_size, args.max_items),
         )
     )
 
@@ -83,8 +85,10 @@ def _jump(bank, rule: str, weights: tuple[float, float]) -> str:
         for top, other in permutations(range(layer.num_adapters), 2):
             basis = layer._basis(tuple(sorted((top, other))))
             first = 0 if top < other else 1  # position of the top adapter in the sorted set
+            # the weights DAR hands the rule (TIES-style rules: scaled to sum to the count)
+            routing = Route(torch.tensor([[top, other]]), torch.tensor([weights])).to_routing(rule)
             w = torch.zeros(2)
-            w[first], w[1 - first] = weights
+            w[first], w[1 - first] = routing.weights[0]
             merged = merge(rule, basis.cores, w)
             alone = basis.cores[first]
             values.append(float((merged - alone).norm() / alone.norm().clamp(min=1e-12)))
@@ -92,12 +96,13 @@ def _jump(bank, rule: str, weights: tuple[float, float]) -> str:
 
 
 @torch.no_grad()
-def _shifts(method, suite, tasks: list[str], batch_size: int) -> list[list[str]]:
+def _shifts(method, suite, tasks: list[str], batch_size: int, max_items: int) -> list[list[str]]:
     encoder = method.encoder().eval()
     shifts = {rule: {"image": [], "text": []} for rule in RULES}
     counts = {"image": 0, "text": 0}
     for task in tasks:
         ds = suite.load(task, "test")
+        ds = ds.subset(list(range(min(max_items, len(ds)))))
         feats = routing_features(encoder, ds, batch_size)
         routes = dict(zip(("image", "text"), route_dataset(encoder, feats), strict=True))
         merged = {m: r.indices[:, 1] >= 0 for m, r in routes.items()}
