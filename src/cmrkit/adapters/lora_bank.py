@@ -450,23 +450,33 @@ class LoRABankLinear(nn.Module):
             elif isinstance(rows, slice):
                 rows = torch.arange(rows.start, rows.stop, device=x.device)
             xg = x.index_select(bd, rows).movedim(bd, 0)  # (G, ..., n)
-            single = len(members) == 1 and not r.rule_on_single
-            with torch.no_grad():
-                deltas = torch.stack(
-                    [(self.scales[j] * self.lora_B[j]) @ self.lora_A[j] for j in members]
-                ).to(_work_dtype(x))  # (k, m, n)
-            ys = []
-            for a in range(0, len(rows), FULL_CHUNK):
-                w = wg[a : a + FULL_CHUNK].to(deltas)
-                if single:
-                    merged = w[:, 0, None, None] * deltas[0]
-                else:
-                    merged = merge(r.rule, deltas.expand(len(w), *deltas.shape), w, **r.params)
-                xa = xg[a : a + FULL_CHUNK]
-                y = xa.reshape(len(w), -1, xa.shape[-1]).to(merged) @ merged.mT
-                ys.append(y.reshape(*xa.shape[:-1], -1))
-            out.index_add_(bd, rows, torch.cat(ys).movedim(0, bd).to(out.dtype))
+            if len(members) == 1 and not r.rule_on_single:  # no merge: the plain low-rank path
+                j = members[0]
+                scale = wg[:, 0].to(x.dtype).view(-1, *[1] * (x.dim() - 1)) * self.scales[j]
+                y = F.linear(F.linear(xg, self.lora_A[j]) * scale, self.lora_B[j])
+            else:
+                y = torch.cat(
+                    [
+                        self._full_merge_apply(members, wg[a : a + FULL_CHUNK], xa, r)
+                        for a, xa in zip(
+                            range(0, len(rows), FULL_CHUNK), xg.split(FULL_CHUNK), strict=True
+                        )
+                    ]
+                )
+            out.index_add_(bd, rows, y.movedim(0, bd).to(out.dtype))
         return out
+
+    @torch.no_grad()  # full space is an inference-time ablation: no gradient through the rule
+    def _full_merge_apply(
+        self, members: tuple[int, ...], w: Tensor, x: Tensor, r: AdapterRouting
+    ) -> Tensor:
+        """y_i = rule(w_i1 ΔW_1, …)_i x_i for a chunk of samples x (G, ..., n)."""
+        deltas = torch.stack(
+            [(self.scales[j] * self.lora_B[j]) @ self.lora_A[j] for j in members]
+        ).to(_work_dtype(x))  # (k, m, n)
+        merged = merge(r.rule, deltas.expand(len(w), *deltas.shape), w.to(deltas), **r.params)
+        y = x.reshape(len(w), -1, x.shape[-1]).to(merged) @ merged.mT
+        return y.reshape(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
         return f"adapters={self.num_adapters}, ranks={self.ranks}"
