@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -45,7 +47,8 @@ def _entry(rank, world, port, out, fn, args):
     else:  # the reference: one rank, but the same distributed sampler and data order
         torch.distributed.init_process_group("gloo")
     try:
-        torch.save(fn(*args), os.path.join(out, f"rank{rank}.pt"))
+        with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(fn(*args), f)  # our own results: numpy arrays, tensors, dicts
     finally:
         distributed.shutdown()
 
@@ -65,7 +68,7 @@ def run_ranks(fn, tmp_path, *args, world=WORLD):
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(world)]
 
 
 # --- the gathered contrastive loss --------------------------------------------------------------
@@ -120,15 +123,21 @@ def test_without_process_group_the_loss_is_local():
 def _gather_ragged_parts():
     r = distributed.rank()
     mine = torch.arange(6.0).reshape(3, 2)[:0] if r == 0 else torch.arange(6.0).reshape(3, 2)
-    return distributed.gather_ragged(mine), distributed.shard_map(
-        list(range(5)), lambda items: torch.tensor(items, dtype=torch.float32)[:, None] * 10
+    routes = torch.tensor([[5]]) if r == 0 else torch.tensor([[1, 2], [3, 4]])  # widths differ
+    return (
+        distributed.gather_ragged(mine),
+        distributed.shard_map(
+            list(range(5)), lambda items: torch.tensor(items, dtype=torch.float32)[:, None] * 10
+        ),
+        distributed.gather_ragged(routes, fill=-1),
     )
 
 
 def test_gather_ragged_and_shard_map(tmp_path):
-    for ragged, mapped in run_ranks(_gather_ragged_parts, tmp_path):
+    for ragged, mapped, routes in run_ranks(_gather_ragged_parts, tmp_path):
         torch.testing.assert_close(ragged, torch.arange(6.0).reshape(3, 2))
         torch.testing.assert_close(mapped, torch.arange(5.0)[:, None] * 10)
+        assert routes.tolist() == [[5, -1], [1, 2], [3, 4]]
 
 
 # --- one DAR task: N = 2 at batch b equals N = 1 at batch 2b --------------------------------------
@@ -276,3 +285,71 @@ def test_bench_on_two_ranks_resumes_and_only_rank_0_writes(tmp_path):
         s["loss"] for s in whole0["train_stats"]
     ]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+# --- the gallery index: sharded build and update ------------------------------------------------
+def _write_gallery(root, n=24):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        pixels = np.clip(
+            rng.integers(0, 255, 3) * (i % 3 == 0) + rng.normal(0, 60, (32, 32, 3)), 0, 255
+        )
+        Image.fromarray(pixels.astype(np.uint8)).save(root / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "captions": [f"item {i}"], "label": None})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _index_build_and_update(folder):
+    """Build with 2 adapters, then update to 3 (test_index's routed encoder on a real bank)."""
+    import test_index as ti
+
+    from cmrkit.adapters import inject_lora_bank
+    from cmrkit.data.dataset import load_imagefolder
+    from cmrkit.index import GalleryIndex
+
+    ds = load_imagefolder(folder)
+    torch.manual_seed(0)
+    backbone = load_backbone("tiny-clip")
+    bank = inject_lora_bank(backbone, backbone.lora_targets)
+    for seed in (1, 2, 3):
+        ti._random_adapter(bank, seed)
+    pixels = torch.stack([backbone.image_transform(ds.load_image(i)) for i in range(len(ds))])
+    with torch.no_grad(), bank.disabled():
+        feats = backbone.encode_image(pixels)
+    centre = feats.mean(0)
+    groups = [range(0, 8), range(8, 16), range(16, 20)]
+    protos = torch.stack([F.normalize((feats[list(g)] - centre).mean(0), dim=0) for g in groups])
+    index = GalleryIndex(backbone.embed_dim, use_gpu=False)
+    built = ti.FakeRouted(backbone, bank, protos[:2], centre)
+    index.add_dataset(built, ds, batch_size=5)
+    after_build = (index.embeddings.copy(), index.route_indices.copy(), index.features.copy())
+    updated = ti.FakeRouted(backbone, bank, protos, centre)
+    stats = index.update(updated, batch_size=3)
+    queries = np.concatenate([index.embeddings[::5], np.eye(index.dim, dtype="f4")[:3]])
+    return {
+        "built": after_build,
+        "updated": (index.embeddings, index.route_indices, index.route_weights),
+        "ids": index.ids,
+        "top10": index.search(queries, k=10)[0],
+        "reembedded": stats.reembedded,
+        "embedded_here": (built.routed_items, updated.routed_items),
+    }
+
+
+def test_sharded_index_build_and_update_equal_one_process(tmp_path):
+    (tmp_path / "g").mkdir()
+    _write_gallery(tmp_path / "g")
+    ref = _index_build_and_update(tmp_path / "g")
+    assert 0 < ref["reembedded"] < 24
+    ranks = run_ranks(_index_build_and_update, tmp_path, tmp_path / "g")
+    for got in ranks:
+        for a, b in zip(got["built"] + got["updated"], ref["built"] + ref["updated"]):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        assert got["ids"] == ref["ids"] and got["top10"] == ref["top10"]
+        assert got["reembedded"] == ref["reembedded"]
+    # each rank embedded its half: 12 of 24 at build, half of the routed-changed items at update
+    assert [r["embedded_here"][0] for r in ranks] == [12, 12]
+    assert sum(r["embedded_here"][1] for r in ranks) == ref["reembedded"]

@@ -42,6 +42,8 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from torch import Tensor, nn
 
+from ..train import distributed
+
 FORMAT = "cmrkit-gallery-index/1"
 POINTER = "CURRENT"
 VERSION_NAME = re.compile(r"v\d{6}-[0-9a-f]{6}")
@@ -177,6 +179,21 @@ def _encode_sorted(encoder: RoutedEncoder, pixels: Tensor, route: RouteLike) -> 
     rows = torch.from_numpy(order)
     emb = encoder.encode_image_routed(pixels[rows.to(pixels.device)], _subset_route(route, rows))
     return emb[torch.argsort(rows).to(emb.device)]
+
+
+def _gather_rows(parts: list[tuple], dim: int, feature_dim: int) -> tuple[Tensor, ...]:
+    """Concatenate per-batch (embeddings, features, route indices, route weights), then gather
+    them from every rank in rank order (routes padded to the widest: index -1, weight 0)."""
+    emb = torch.cat([torch.zeros(0, dim)] + [p[0] for p in parts])
+    feats = torch.cat([torch.zeros(0, feature_dim)] + [p[1] for p in parts])
+    width = max((p[2].shape[1] for p in parts), default=0)
+    routes = [canonical_route(p[2], p[3], width) for p in parts]  # one width for the batches
+    idx = torch.cat(
+        [torch.zeros(0, width, dtype=torch.long)] + [torch.from_numpy(r[0]) for r in routes]
+    )
+    w = torch.cat([torch.zeros(0, width)] + [torch.from_numpy(r[1]) for r in routes])
+    gather = distributed.gather_ragged
+    return gather(emb), gather(feats), gather(idx, fill=-1), gather(w)
 
 
 def _per_sample(v: Any, batch: int) -> bool:
@@ -416,7 +433,8 @@ class GalleryIndex:
         captions: Sequence[Sequence[str]] | None = None,
         batch_size: int = 64,
     ) -> None:
-        """Embed and add items: one backbone pass (routing feature) + one routed pass each."""
+        """Embed and add items: one backbone pass (routing feature) + one routed pass each.
+        Under torchrun each rank embeds a contiguous shard and every rank adds all items."""
         fp = bank_fingerprint(encoder)
         if not len(self):
             self.fingerprint = fp
@@ -426,21 +444,18 @@ class GalleryIndex:
             )
         transform = _image_transform(encoder)
         device = _device_of(encoder)
-        for start in range(0, len(ids), batch_size):
-            rows = range(start, min(start + batch_size, len(ids)))
+        lo, hi = distributed.shard_bounds(len(ids))
+        parts = []
+        for start in range(lo, hi, batch_size):
+            rows = range(start, min(start + batch_size, hi))
             pixels = torch.stack([transform(load_image(i)) for i in rows]).to(device)
             feats = encoder.backbone_image_features(pixels)
             route = encoder.route(feats, "image")
             emb = _encode_sorted(encoder, pixels, route)
-            self.add(
-                [ids[i] for i in rows],
-                emb,
-                feats,
-                route.indices,
-                route.weights,
-                None if paths is None else [paths[i] for i in rows],
-                None if captions is None else [captions[i] for i in rows],
-            )
+            idx, w = canonical_route(route.indices, route.weights)
+            parts.append((emb.float().cpu(), feats.float().cpu(), idx, w))
+        emb, feats, idx, w = _gather_rows(parts, self.dim, self.feature_dim)
+        self.add(ids, emb, feats, idx, w, paths, captions)
 
     def add_dataset(self, encoder: RoutedEncoder, dataset, batch_size: int = 64) -> None:
         """Add every item of an :class:`~cmrkit.data.dataset.ImageCaptionDataset`."""
@@ -497,14 +512,18 @@ class GalleryIndex:
         t1 = time.perf_counter()
         load = load_image or self._load_from_path
         transform = _image_transform(encoder)
-        for start in range(0, len(todo), batch_size):
-            rows = todo[start : start + batch_size]
+        mine = todo[slice(*distributed.shard_bounds(len(todo)))]  # under torchrun: a shard each
+        embs = [torch.zeros(0, self.dim)]
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start : start + batch_size]
             pixels = torch.stack([transform(load(int(r))) for r in rows]).to(device)
             sub = _subset_route(route, torch.from_numpy(rows))
-            emb = _encode_sorted(encoder, pixels, sub)
-            self.replace_embeddings(rows, emb, new_idx[rows], new_w[rows])
-            if progress is not None:  # (re-embedded so far, to re-embed)
-                progress(start + len(rows), len(todo))
+            embs.append(_encode_sorted(encoder, pixels, sub).float().cpu())
+            if progress is not None:  # (re-embedded so far, to re-embed) by this process
+                progress(start + len(rows), len(mine))
+        emb = distributed.gather_ragged(torch.cat(embs))
+        if len(todo):
+            self.replace_embeddings(todo, emb, new_idx[todo], new_w[todo])
         self.fingerprint = fp
         return UpdateStats(
             total=len(self),
@@ -526,8 +545,11 @@ class GalleryIndex:
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write a new version into ``directory`` and make it current atomically."""
+        """Write a new version into ``directory`` and make it current atomically (under torchrun
+        every rank holds the same index and rank 0 alone writes it)."""
         root = Path(directory)
+        if not distributed.is_main():
+            return root
         root.mkdir(parents=True, exist_ok=True)
         current = _read_pointer(root)
         number = int(current[1:7]) + 1 if current else 1

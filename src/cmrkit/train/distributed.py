@@ -131,10 +131,11 @@ def mean_over_ranks(value: float) -> float:
     return float(all_reduce_sum_(t)[0]) / world_size()
 
 
-def gather_ragged(x: Tensor) -> Tensor:
-    """Concatenate every rank's ``x`` along dim 0 in rank order; ranks may hold different numbers
-    of rows (including none: send ``x`` with 0 rows and any trailing shape, or the shape of the
-    others)."""
+def gather_ragged(x: Tensor, fill: float = 0) -> Tensor:
+    """Concatenate every rank's ``x`` along dim 0 in rank order. Ranks may hold different numbers
+    of rows (a rank with none may send any empty tensor of the dtype) and, for 2-D and wider
+    tensors, different widths: narrower rows are padded on the right with ``fill`` (e.g. -1 for
+    padded adapter indices). The dtype must be the same on every rank."""
     if world_size() == 1:
         return x
     device = _comm_device()
@@ -143,12 +144,14 @@ def gather_ragged(x: Tensor) -> Tensor:
     record[1 : 1 + x.dim()] = torch.tensor(x.shape, dtype=torch.long)
     records = [torch.zeros_like(record) for _ in range(world_size())]
     dist.all_gather(records, record)
-    rows = [int(r[1]) for r in records]
-    full = max((r for r in records if int(r[1]) > 0), key=lambda r: int(r[1]), default=record)
-    trailing = tuple(int(v) for v in full[2 : 1 + int(full[0])])
-    padded = torch.zeros((max(rows), *trailing), dtype=x.dtype, device=device)
-    if rows[rank()]:
-        padded[: rows[rank()]] = x.to(device)
+    records = torch.stack(records).cpu()
+    ndim = int(records[:, 0].max())  # an empty placeholder may have fewer dimensions
+    shapes = records[:, 1 : 1 + ndim]
+    rows = shapes[:, 0].tolist()
+    trailing = shapes[:, 1:].max(dim=0).values.tolist()  # the widest rank's shape
+    padded = torch.full((max(rows), *trailing), fill, dtype=x.dtype, device=device)
+    if len(x):
+        padded[tuple(slice(0, n) for n in x.shape)] = x.to(device)
     parts = [torch.empty_like(padded) for _ in rows]
     dist.all_gather(parts, padded)
     return torch.cat([p[:n] for p, n in zip(parts, rows)]).to(x.device)
