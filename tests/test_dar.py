@@ -263,7 +263,12 @@ def test_ablation_reroutes_one_trained_bank(tmp_path):
         suite=_tiny_suite(tmp_path),
         train=TRAIN,
         options={"rank": 2},
-        variants={"default": {}, "top1": {"merge_rule": "none"}, "bare": {"strategy": "none"}},
+        variants={
+            "default": {},
+            "top1": {"merge_rule": "none"},
+            "bare": {"strategy": "none"},
+            "iso_full": {"merge_rule": "iso", "merge_space": "full"},  # paper Table 5's ISO-C
+        },
     )
     run = RunSettings(
         out=tmp_path / "abl",
@@ -281,6 +286,8 @@ def test_ablation_reroutes_one_trained_bank(tmp_path):
     assert rows["bare"]["routing_accuracy"]["none"]["bare_image"] == 100.0
     assert rows["bare"]["zeroshot_cls"]["shapes"]["delta"] == pytest.approx(0.0)  # = pretrained
     assert "| top1 | merge_rule=none |" in (tmp_path / "abl/ablation.md").read_text()
+    assert rows["iso_full"]["settings"] == {"merge_rule": "iso", "merge_space": "full"}
+    assert 0 <= rows["iso_full"]["final"]["t2i"]["R@1"] <= 100
 
     # A finished training folder is reused untouched, and refused for other training settings.
     # A probe the training run did not know (added to the suite later) gets its initial value.
