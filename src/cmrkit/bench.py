@@ -96,6 +96,7 @@ class BenchConfig:
     max_train_items: int | None = None  # cap per task (quick runs); a seeded subset
     resume: bool = False
     skip_bad: bool = False
+    allow_outside: bool = False  # files outside their split folder
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -105,10 +106,18 @@ class Bench:
         self.out = Path(cfg.out)
         self.method_settings = _check_arguments(cfg)
         check_writable_dir(self.out, "--out")
-        self.suite: Suite = load_suite(cfg.suite, cfg.data_root, skip_bad=cfg.skip_bad)
+        self.suite: Suite = load_suite(
+            cfg.suite,
+            cfg.data_root,
+            skip_bad=cfg.skip_bad,
+            allow_outside=cfg.allow_outside,
+            split_dir=self.out / "splits",  # when the data root is read-only
+        )
         self.suite.holdout(cfg.holdout)
         _check_unique([t.name for t in self.suite.tasks], f"suite {self.suite.name}: task")
         self.tests = {t.name: self.suite.load(t.name, "test") for t in self.suite.tasks}
+        # every split read (and its bad rows found) before the first step
+        self.trains = {t.name: self.suite.load(t.name, "train") for t in self.suite.tasks}
         self.cls_probes = {
             p.name: self.suite.load(p.name, "test") for p in self.suite.classification_probes
         }
@@ -137,6 +146,7 @@ class Bench:
             tasks=tasks,
             config=config,
             environment=_environment(self.cfg.device),
+            skipped=self.suite.skipped(),
         )
         self.results.setdefault("methods", {})
         self.initial()
@@ -281,13 +291,12 @@ class Bench:
 
     # --- data and order -----------------------------------------------------------------------
     def _train_set(self, task: str, seed: int) -> ImageCaptionDataset:
-        ds = self.suite.load(task, "train")
+        ds = self.trains[task]
         cap = self.cfg.max_train_items
         if cap and len(ds) > cap:
             gen = torch.Generator().manual_seed(seed)
             keep = sorted(torch.randperm(len(ds), generator=gen).tolist()[:cap])
             ds = ds.subset(keep)
-        self.results.setdefault("skipped", {})[task] = dict(ds.skipped)
         return ds
 
     def _task_order(self) -> list[str]:

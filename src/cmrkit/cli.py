@@ -128,7 +128,12 @@ def _common_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-bad",
         action="store_true",
-        help="skip missing/unreadable images and malformed rows (counts recorded)",
+        help="skip missing/unreadable images and malformed rows (recorded with file and row)",
+    )
+    p.add_argument(
+        "--allow-outside-files",
+        action="store_true",
+        help="accept file_name entries that leave their split folder (../, absolute, symlinks)",
     )
     p.add_argument("--holdout", default="", help="comma-separated tasks to use as held-out probes")
     p.add_argument(
@@ -213,6 +218,7 @@ def _run_bench(args) -> int:
         max_train_items=args.max_train_items,
         resume=args.resume,
         skip_bad=args.skip_bad,
+        allow_outside=args.allow_outside_files,
     )
     if args.quick:
         cfg.templates = list(QUICK_TEMPLATES)
@@ -316,7 +322,13 @@ def _run_eval(args) -> int:
         if Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: is a folder; give a JSON file path")
         check_writable_dir(Path(args.out).parent, "--out")
-    suite = load_suite(args.suite, args.data_root, skip_bad=args.skip_bad)
+    suite = load_suite(
+        args.suite,
+        args.data_root,
+        skip_bad=args.skip_bad,
+        allow_outside=args.allow_outside_files,
+        split_dir=Path(args.out).parent / "splits" if args.out else None,
+    )
     suite.holdout(_split(args.holdout))
     backbone = load_backbone(args.backbone)
     if args.device:
@@ -345,7 +357,7 @@ def _run_eval(args) -> int:
             f"({classes} classes, chance {100 / classes:.2f})"
         )
     if args.out:
-        write_json(args.out, out)
+        write_json(args.out, {**out, "skipped": suite.skipped()})
     return 0
 
 
@@ -361,15 +373,42 @@ def _data_parser(sub) -> None:
     check = data_sub.add_parser("check", help="counts, missing files and manifest hashes")
     check.add_argument("path", help="an imagefolder split, or a folder of them with manifest.json")
     check.add_argument("--skip-bad", action="store_true", help="report bad rows instead of failing")
+    check.add_argument(
+        "--allow-outside-files",
+        action="store_true",
+        help="accept file_name entries that leave their split folder (../, absolute, symlinks)",
+    )
     check.set_defaults(run=_run_data_check)
+    prepare = data_sub.add_parser(
+        "prepare",
+        help="local copies of a suite's hub datasets, with stored splits and hashes",
+        description="Fetch every Hugging Face source of a suite (where the hub is reachable) "
+        "into DIR/<id>, store its seeded splits and the files' SHA-256 (DIR/prepared.json); "
+        "then run the suite offline with --data-root DIR. Prints one line per dataset.",
+    )
+    prepare.add_argument("suite", help="suite name (e.g. cmr-paper) or path of a suite YAML")
+    prepare.add_argument("--out", required=True, help="folder for the local copies")
+    prepare.set_defaults(run=_run_data_prepare)
 
 
 def _run_data_check(args) -> int:
     from .data.check import check_path
 
-    report = check_path(Path(args.path), skip_bad=args.skip_bad)
+    report = check_path(
+        Path(args.path), skip_bad=args.skip_bad, allow_outside=args.allow_outside_files
+    )
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
+
+
+def _run_data_prepare(args) -> int:
+    from .data.prepare import prepare_suite
+    from .utils import check_writable_dir
+
+    check_writable_dir(Path(args.out), "--out")
+    record = prepare_suite(args.suite, Path(args.out))
+    print(f"wrote {Path(args.out) / 'prepared.json'}")
+    return 1 if record["unreachable"] else 0
 
 
 def _seeds(value: str | None) -> list[int]:
