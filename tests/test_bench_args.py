@@ -73,6 +73,8 @@ BAD_ARGUMENTS = [
     (["--methods", "zeroshot,ewc", "--set", "ewc.lam=x"], "option lam must be float"),
     (["--methods", "zeroshot,dar", "--set", "dar.merge_rule=nope"], "nope"),
     (["--methods", "zeroshot,dar", "--set", "dar.rank=0"], "dar: rank must be >= 1"),
+    (["--holdout", "nope"], "--holdout nope: suite tiny has no such task (['flat', 'pixel'])"),
+    (["--backbone", "nope"], "error: unknown backbone 'nope'"),
     (["--methods", "zeroshot,lora_ft", "--set", "lora_ft.dropout=1.5"], "method lora_ft: "),
 ]
 
@@ -89,7 +91,7 @@ def test_duplicate_task_names_are_refused(tmp_path, capsys):
     twin = tmp_path / "twin.yaml"
     twin.write_text(TWIN)
     line = refused(bench(twin, tmp_path / "run"), capsys)
-    assert "suite tiny: task 'flat' given more than once" in line
+    assert f"{twin}: tasks: duplicate task names ['flat']" in line  # found by the suite reader
 
 
 def test_an_output_folder_that_is_a_file_or_read_only_is_refused(suite, tmp_path, capsys):

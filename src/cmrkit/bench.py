@@ -113,8 +113,7 @@ class Bench:
             allow_outside=cfg.allow_outside,
             split_dir=self.out / "splits",  # when the data root is read-only
         )
-        self.suite.holdout(cfg.holdout)
-        _check_unique([t.name for t in self.suite.tasks], f"suite {self.suite.name}: task")
+        holdout(self.suite, cfg.holdout)
         self.tests = {t.name: self.suite.load(t.name, "test") for t in self.suite.tasks}
         # every split read (and its bad rows found) before the first step
         self.trains = {t.name: self.suite.load(t.name, "train") for t in self.suite.tasks}
@@ -193,8 +192,9 @@ class Bench:
         adapter, L2P's prompts) is seeded, so it is the same in every process."""
         train_cfg, options = self.method_settings[name]
         seed_everything(derived_seed(train_cfg.seed, "init"))
+        backbone = self._fresh_backbone()
         try:
-            return build_method(name, self._fresh_backbone(), **options)
+            return build_method(name, backbone, **options)
         except (TypeError, ValueError) as e:  # a value the method cannot take
             named = str(e).startswith((f"method {name}", f"{name}:"))
             raise ValueError(str(e) if named else f"method {name}: {e}") from None
@@ -478,6 +478,14 @@ def _check_arguments(cfg: BenchConfig) -> dict[str, tuple[TrainConfig, dict]]:
         name: method_config(name, cfg.train_overrides, cfg.method_options.get(name))
         for name in cfg.methods
     }
+
+
+def holdout(suite: Suite, names: list[str]) -> None:
+    """``suite.holdout(names)``, after checking that each name is one of its tasks."""
+    tasks = [t.name for t in suite.tasks]
+    if unknown := [n for n in names if n not in tasks]:
+        raise ValueError(f"--holdout {unknown[0]}: suite {suite.name} has no such task ({tasks})")
+    suite.holdout(names)
 
 
 def _check_unique(names: list[str], what: str) -> None:

@@ -313,6 +313,7 @@ def _eval_parser(sub) -> None:
 
 def _run_eval(args) -> int:
     from .backbones import load_backbone
+    from .bench import holdout
     from .data.suites import load_suite
     from .eval.retrieval import evaluate_retrieval
     from .eval.zeroshot import zeroshot_classify
@@ -329,7 +330,7 @@ def _run_eval(args) -> int:
         allow_outside=args.allow_outside_files,
         split_dir=Path(args.out).parent / "splits" if args.out else None,
     )
-    suite.holdout(_split(args.holdout))
+    holdout(suite, _split(args.holdout))
     backbone = load_backbone(args.backbone)
     if args.device:
         backbone.to(args.device)
