@@ -248,3 +248,28 @@ def test_malformed_manifest_is_one_error_naming_it(tmp_path, manifest, message):
     (tmp_path / "manifest.json").write_text(manifest)
     with pytest.raises(DataError, match=rf"manifest.json: {message}"):
         check_path(tmp_path)
+
+
+def test_training_pairs_keep_no_decoded_image(tmp_path):
+    """The loop decodes an image when it is drawn and lets it go: memory does not grow with the
+    task (it used to keep every decoded image of a task)."""
+    import gc
+    import weakref
+
+    from cmrkit.data.dataset import ImageCaptionDataset
+    from cmrkit.train.loop import PairDataset
+
+    alive = []
+
+    class Tracked(ImageCaptionDataset):
+        def load_image(self, i):
+            image = super().load_image(i)
+            alive.append(weakref.ref(image))
+            return image
+
+    images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(5)]
+    ds = Tracked("t", images, [["c"]] * 5, [None] * 5)
+    pairs = PairDataset(ds, lambda im, rng: im.getpixel((0, 0)), seed=0)
+    assert [pairs[i][0] for i in range(5)] == [(i, 0, 0) for i in range(5)]
+    gc.collect()
+    assert len(alive) == 5 and all(ref() is None for ref in alive)

@@ -86,22 +86,20 @@ def check_train_setting(name: str, value):
 
 
 class PairDataset(Dataset):
-    """(image tensor, one caption) per image; the caption and crop are drawn per (epoch, item)."""
+    """(image tensor, one caption) per image; the caption and crop are drawn per (epoch, item).
+
+    Images are decoded when drawn and not kept, so memory does not grow with the task's size."""
 
     def __init__(self, ds: ImageCaptionDataset, transform, seed: int) -> None:
         self.ds, self.transform, self.seed, self.epoch = ds, transform, seed, 0
-        self._cache: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int):
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
-        image = self._cache.get(i)
-        if image is None:
-            image = self._cache[i] = self.ds.load_image(i)
         caption = rng.choice(self.ds.captions[i])
-        return self.transform(image, rng), caption
+        return self.transform(self.ds.load_image(i), rng), caption
 
 
 def make_loader(
