@@ -103,6 +103,10 @@ def test_bench_skip_bad_records_train_and_test_rows(tmp_path, capsys):
         ("b", "test", "b/test/metadata.jsonl", 4),
     }
     assert all(r["reason"] and r["error"] for r in skipped["rows"])
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert (
+        "## Skipped items" in report and "a/test/metadata.jsonl:1` (a, test): unreadable" in report
+    )
 
 
 def test_eval_skip_bad_out_records_skipped_rows(tmp_path):

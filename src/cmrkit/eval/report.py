@@ -287,13 +287,20 @@ def _failed_section(res: Results) -> list[str]:
     return lines + [f"- **{_esc(n)}**: {_esc(why)}" for n, why in failed] + [""]
 
 
-def _skipped_section(res: Results) -> list[str]:
-    """Items skipped by ``--skip-bad``, per task as the data loader recorded them."""
-    rows = [(task, entry) for task, entry in res.skipped.items() if entry]
-    if not rows:
+def _skipped_section(res: Results, listed: int = 20) -> list[str]:
+    """Items skipped by ``--skip-bad``: counts per task and split, then the first rows named."""
+    counts = [(task, entry) for task, entry in res.skipped.items() if task != "rows" and entry]
+    if not counts:
         return []
     lines = ["## Skipped items", ""]
-    return lines + [f"- {_esc(task)}: {_kv_line(entry)}" for task, entry in rows] + [""]
+    lines += [f"- {_esc(task)}: {_kv_line(entry)}" for task, entry in counts] + [""]
+    rows = res.skipped.get("rows") or []
+    lines += [
+        f"- `{_esc(r['file'])}:{r['row']}` ({_esc(r['task'])}, {r['split']}): {_esc(r['reason'])}"
+        for r in rows[:listed]
+    ]
+    more = len(rows) - listed
+    return lines + ([f"- … {more} more in results.json"] if more > 0 else []) + [""]
 
 
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
