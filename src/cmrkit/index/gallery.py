@@ -196,6 +196,14 @@ def _gather_rows(parts: list[tuple], dim: int, feature_dim: int) -> tuple[Tensor
     return gather(emb), gather(feats), gather(idx, fill=-1), gather(w)
 
 
+def _search_keys(index: Any, q: np.ndarray, k: int, keys: np.ndarray):
+    """Exact top-``k`` among ``keys`` (a pre-filter): the store's own, or a FAISS ID selector."""
+    if hasattr(index, "search_keys"):
+        return index.search_keys(q, k, keys)
+    selector = faiss.IDSelectorBatch(keys)
+    return index.search(q, k, params=faiss.SearchParameters(sel=selector))
+
+
 def _per_sample(v: Any, batch: int) -> bool:
     return isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch
 
@@ -246,7 +254,13 @@ def _gpu_resources():
 class GalleryIndex:
     """Inner-product (cosine) index over normalised routed embeddings, with routing metadata."""
 
-    def __init__(self, dim: int, feature_dim: int | None = None, use_gpu: bool | None = None):
+    def __init__(
+        self,
+        dim: int,
+        feature_dim: int | None = None,
+        use_gpu: bool | None = None,
+        vectors=None,
+    ):
         self.dim = int(dim)
         self.feature_dim = int(feature_dim or dim)
         self.ids: list[str] = []
@@ -263,8 +277,11 @@ class GalleryIndex:
         self.version: str | None = None  # the saved version this index was loaded as or saved to
         self._row_of: dict[str, int] = {}
         self._key_row: dict[int, int] = {}
-        self._cpu = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        self._gpu_res = _gpu_resources() if use_gpu in (None, True) else None
+        # The vector store: FAISS's flat IndexIDMap2 in memory, or ``vectors``, a store with its
+        # face (cmrkit.index.milvus.MilvusVectors: a Milvus collection)
+        self._cpu = vectors if vectors is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        gpu = use_gpu in (None, True) and vectors is None
+        self._gpu_res = _gpu_resources() if gpu else None
         if use_gpu and self._gpu_res is None:
             raise RuntimeError("use_gpu=True but this faiss build or machine has no GPU")
         self._gpu_index = None
@@ -386,8 +403,8 @@ class GalleryIndex:
         if rows is None:
             scores, labels = index.search(q, k)
         else:
-            selector = faiss.IDSelectorBatch(self.keys[np.asarray(rows, dtype=np.int64)])
-            scores, labels = index.search(q, k, params=faiss.SearchParameters(sel=selector))
+            keys = self.keys[np.asarray(rows, dtype=np.int64)]
+            scores, labels = _search_keys(index, q, k, keys)
         row = (lambda label: label) if index is not self._cpu else self._key_row.__getitem__
         ids = [[self.ids[row(int(lab))] for lab in labs if lab >= 0] for labs in labels]
         return ids, scores
@@ -570,7 +587,7 @@ class GalleryIndex:
         return root / name
 
     @classmethod
-    def load(cls, directory: str | Path, use_gpu: bool | None = None) -> GalleryIndex:
+    def load(cls, directory: str | Path, use_gpu: bool | None = None, vectors=None) -> GalleryIndex:
         root = Path(directory)
         name = _read_pointer(root)
         if name is None:
@@ -580,7 +597,7 @@ class GalleryIndex:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{folder}: unknown index format {meta.get('format')!r}")
         arrays = load_file(str(folder / "arrays.safetensors"))
-        index = cls(meta["dim"], meta["feature_dim"], use_gpu=use_gpu)
+        index = cls(meta["dim"], meta["feature_dim"], use_gpu=use_gpu, vectors=vectors)
         index.ids, index.paths, index.captions = meta["ids"], meta["paths"], meta["captions"]
         index.fingerprint, index.meta = meta["fingerprint"], meta["meta"]
         index._next_key = meta["next_key"]
