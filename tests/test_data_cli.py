@@ -163,3 +163,30 @@ def test_data_prepare_saves_reachable_datasets_and_names_the_rest(tmp_path, monk
     test = load_suite(suite, data_root=out).load("one", "test")
     stored = json.loads((out / "splits" / "s" / "one.json").read_text())
     assert test.rows == stored["test"] and test.captions[0] == [f"caption {stored['test'][0]}"]
+
+
+def test_data_check_suite_decodes_hf_and_imagefolder_splits(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    good, bad = {"bytes": buf.getvalue(), "path": None}, {"bytes": b"garbage", "path": None}
+    datasets.Dataset.from_dict(
+        {"image": [good] * 9 + [bad], "text": [f"c{i}" for i in range(10)]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    ).save_to_disk(tmp_path / "data" / "org" / "hub")
+    suite = _bad_suite(tmp_path)
+    text = suite.read_text() + "  - {name: h, source: {hf: {id: org/hub, caption_column: text}}}\n"
+    suite.write_text(text)
+    args = ["data", "check", "--suite", str(suite), "--data-root", str(tmp_path / "data")]
+    assert main(args) == 1
+    report = json.loads(capsys.readouterr().out)["splits"]
+    assert report["a/train"]["skipped"] == {"unreadable image": 1, "malformed row": 1}
+    assert report["b/train"]["ok"] and report["b/test"]["skipped"] == {"outside the dataset": 1}
+    assert report["h/train"]["items"] + report["h/test"]["items"] == 9
+    h_skips = report["h/train"]["skipped_rows"] + report["h/test"]["skipped_rows"]
+    assert len(h_skips) == 1 and h_skips[0].startswith(f"{tmp_path / 'data' / 'org' / 'hub'}")
+    assert "hub [train]:9: unreadable image" in h_skips[0]
+    assert main(["data", "check"]) == 2
+    assert "give a PATH or --suite NAME" in capsys.readouterr().err

@@ -372,7 +372,11 @@ def _data_parser(sub) -> None:
         help="one of the data commands below",
     )
     check = data_sub.add_parser("check", help="counts, missing files and manifest hashes")
-    check.add_argument("path", help="an imagefolder split, or a folder of them with manifest.json")
+    check.add_argument(
+        "path", nargs="?", help="an imagefolder split, or a folder of them with manifest.json"
+    )
+    check.add_argument("--suite", help="instead of PATH: every split of this suite (name or YAML)")
+    check.add_argument("--data-root", help="the suite's data root (default: $CMRKIT_DATA)")
     check.add_argument("--skip-bad", action="store_true", help="report bad rows instead of failing")
     check.add_argument(
         "--allow-outside-files",
@@ -393,11 +397,18 @@ def _data_parser(sub) -> None:
 
 
 def _run_data_check(args) -> int:
-    from .data.check import check_path
+    from .data.check import check_path, check_suite
+    from .data.suites import load_suite
 
-    report = check_path(
-        Path(args.path), skip_bad=args.skip_bad, allow_outside=args.allow_outside_files
-    )
+    if (args.path is None) == (args.suite is None):
+        raise ValueError("give a PATH or --suite NAME (one of them)")
+    if args.suite:
+        suite = load_suite(args.suite, args.data_root, allow_outside=args.allow_outside_files)
+        report = check_suite(suite)
+    else:
+        report = check_path(
+            Path(args.path), skip_bad=args.skip_bad, allow_outside=args.allow_outside_files
+        )
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 

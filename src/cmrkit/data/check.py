@@ -1,4 +1,5 @@
-"""``cmrkit data check``: counts, missing or unreadable files, and manifest hashes."""
+"""``cmrkit data check``: counts, missing or unreadable files, manifest hashes; of an
+imagefolder split, a dataset with a manifest, or every split of a suite."""
 
 from __future__ import annotations
 
@@ -38,6 +39,29 @@ def check_path(path: Path, skip_bad: bool = False, allow_outside: bool = False) 
         if not allow_outside and (Path(group).is_absolute() or ".." in Path(group, split).parts):
             raise DataError(f"{manifest_path}: split {group}/{split} leaves {path}")
         splits[f"{group}/{split}"] = _check_split(folder, expected, skip_bad, allow_outside)
+    return _result(splits)
+
+
+def check_suite(suite) -> dict:
+    """Check every split of a suite (hub or local Hugging Face datasets included): each item is
+    read and each image decoded once; bad items are named, not fatal."""
+    suite.skip_bad = True
+    splits = {}
+    for task in suite.tasks + suite.retrieval_probes + suite.classification_probes:
+        probe = task not in suite.tasks
+        for split in ("test",) if probe else ("train", "test"):
+            try:
+                ds = suite.load(task.name, split)
+            except DataError as e:
+                splits[f"{task.name}/{split}"] = {"ok": False, "error": str(e)}
+                continue
+            splits[f"{task.name}/{split}"] = {
+                "items": len(ds),
+                "captions": ds.num_captions,
+                "skipped": dict(ds.skipped),
+                "skipped_rows": [f"{r['file']}:{r['row']}: {r['error']}" for r in ds.skipped_rows],
+                "ok": not ds.skipped_rows,
+            }
     return _result(splits)
 
 
