@@ -251,6 +251,9 @@ def open_hf_dataset(id_or_path: str | Path, split: str):
         if any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
             ds = datasets.load_from_disk(str(path))
         else:
+            from huggingface_hub.utils import logging as hub_logging
+
+            hub_logging.set_verbosity_error()  # an unreachable hub is reported once, not per retry
             ds = datasets.load_dataset(str(id_or_path), split=split)
     except (OSError, ValueError, ConnectionError) as e:  # the hub's errors are OSErrors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
