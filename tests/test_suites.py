@@ -148,13 +148,10 @@ def test_seeded_split_is_over_source_records_and_attributes_skips(tmp_path):
 def test_split_indices_go_beside_the_run_or_to_the_cache_when_the_root_is_read_only(
     tmp_path, monkeypatch
 ):
-    import cmrkit.data.suites as suites
-
     root = tmp_path / "root"
     _imagefolder(root / "b", 10, (0, 255, 0))
+    root.chmod(0o555)  # read-only, as a shared data root (root could still write: must not)
     yaml_path = _suite_yaml(tmp_path, "name: s\ntasks: [{name: b, source: {imagefolder: b}}]")
-    writable = suites._writable
-    monkeypatch.setattr(suites, "_writable", lambda p: root not in p.parents and writable(p))
     monkeypatch.setenv("CMRKIT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run" / "splits"
     first = load_suite(yaml_path, root, split_dir=run).load("b", "test").ids

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -248,11 +249,13 @@ def _select(ds: ImageCaptionDataset, records: list[int]) -> ImageCaptionDataset:
 
 
 def _writable(path: Path) -> bool:
-    """Whether ``path`` could be created: its nearest existing folder is writable."""
+    """Whether ``path`` may be created: its nearest existing folder is writable and not marked
+    read-only (no write bit at all; root could write there, but the owner said no)."""
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
-    return os.access(folder, os.W_OK)
+    marked = folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    return bool(marked) and os.access(folder, os.W_OK)
 
 
 def load_suite(
