@@ -143,16 +143,21 @@ def test_data_prepare_saves_reachable_datasets_and_names_the_rest(tmp_path, monk
         tasks:
           - {name: one, source: {hf: {id: org/reachable, caption_column: text}}, gallery: 3}
           - {name: two, source: {hf: {id: org/offline, caption_column: text}}}
+          - {name: three, source: {hf: {id: org/later, caption_column: text}}}
         """)
     )
     out = tmp_path / "local"
     assert main(["data", "prepare", str(suite), "--out", str(out)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"one: org/reachable -> {out / 'org' / 'reachable'} (train 12 rows)"
-    assert lines[1].startswith("two: could not reach org/offline: org/offline: cannot load split")
+    assert lines[1].startswith("two: not prepared: org/offline: cannot load split 'train'")
     assert "Couldn't reach 'org/offline' on the Hub" in lines[1]
+    assert (
+        lines[2]
+        == "three: not prepared: org/later: not tried, the hub was unreachable (org/offline)"
+    )
     record = json.loads((out / "prepared.json").read_text())
-    assert record["unreachable"].keys() == {"org/offline"}
+    assert record["unreachable"].keys() == {"org/offline", "org/later"}
     entry = record["datasets"]["org/reachable"]
     assert entry["rows"] == {"train": 12} and entry["items"] == {"one": {"train": 9, "test": 3}}
     assert "dataset_dict.json" in entry["sha256"] and set(record["splits"]) == {"one.json"}

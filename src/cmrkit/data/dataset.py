@@ -25,6 +25,10 @@ class DataError(ValueError):
     """Bad input data; the message names the file and row."""
 
 
+class HubUnreachable(DataError):
+    """The Hugging Face hub could not be reached (no network, or it is down)."""
+
+
 class BadRow(DataError):
     """One bad item: ``reason`` is its kind (the key ``--skip-bad`` counts it under)."""
 
@@ -255,9 +259,10 @@ def open_hf_dataset(id_or_path: str | Path, split: str):
 
             hub_logging.set_verbosity_error()  # an unreachable hub is reported once, not per retry
             ds = datasets.load_dataset(str(id_or_path), split=split)
-    except (OSError, ValueError, ConnectionError) as e:  # the hub's errors are OSErrors
+    except (OSError, ValueError) as e:  # the hub's errors are OSErrors (ConnectionError too)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{id_or_path}: cannot load split {split!r} ({first})") from None
+        kind = HubUnreachable if isinstance(e, ConnectionError) else DataError
+        raise kind(f"{id_or_path}: cannot load split {split!r} ({first})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{id_or_path}: no split {split!r} (has {sorted(ds)})")

@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 
 from ..utils import write_json
-from .dataset import DataError, open_hf_dataset
+from .dataset import DataError, HubUnreachable, open_hf_dataset
 from .suites import load_suite
 
 
@@ -24,13 +24,18 @@ def prepare_suite(suite_name: str, out: Path, echo=print) -> dict:
     wanted = _hf_sources(suite)
     record: dict = {"suite": suite.name, "datasets": {}, "unreachable": {}, "splits": {}}
     ready_tasks = set()
+    hub_down = None  # once the hub is unreachable, the other ids are not tried (minutes of retries)
     for hf_id, (tasks, splits) in wanted.items():
         target = out / hf_id
         try:
+            if hub_down and not (target / "dataset_dict.json").exists():
+                raise DataError(f"{hf_id}: not tried, the hub was unreachable ({hub_down})")
             rows = _local_copy(hf_id, sorted(splits), target)
         except DataError as e:
+            if isinstance(e, HubUnreachable):
+                hub_down = hf_id
             record["unreachable"][hf_id] = str(e)
-            echo(f"{', '.join(tasks)}: could not reach {hf_id}: {e}")
+            echo(f"{', '.join(tasks)}: not prepared: {e}")
             continue
         record["datasets"][hf_id] = {"tasks": tasks, "rows": rows, "sha256": _hashes(target)}
         ready_tasks.update(tasks)
