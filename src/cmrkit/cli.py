@@ -392,7 +392,7 @@ def _data_parser(sub) -> None:
         "then run the suite offline with --data-root DIR. Prints one line per dataset.",
     )
     prepare.add_argument("suite", help="suite name (e.g. cmr-paper) or path of a suite YAML")
-    prepare.add_argument("--out", required=True, help="folder for the local copies")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="folder for the local copies")
     prepare.set_defaults(run=_run_data_prepare)
 
 
