@@ -203,3 +203,16 @@ def test_a_resumed_run_has_the_same_intervals_and_comparisons(suite_yaml, tiny_r
         for key in ("recall_ci", "recall_joint_ci", "metrics_ci", "clip_benchmark"):
             assert resumed["methods"][name][key] == reference["methods"][name][key], key
     assert resumed["comparisons"] == reference["comparisons"]
+
+
+def test_average_recall_curve_is_the_mean_over_seen_tasks_inside_its_band(tiny_run):
+    from cmrkit.eval.report import seen_average
+
+    res = load_results(tiny_run)
+    for name, m in res.methods.items():
+        R = m.recall["t2i"]["R@1"]
+        assert R[1][0] != R[1][1]  # else the mean could not be told from one cell
+        curve = seen_average(m, "t2i", 2)
+        assert curve[1].value == pytest.approx((R[1][0] + R[1][1]) / 2), name
+        for point in curve:
+            assert point.ci[0] <= point.value <= point.ci[1]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmrkit.eval.metrics import final_average, summarize
+from cmrkit.eval.metrics import summarize
 from cmrkit.eval.schema import MethodRecord, Results, validate_results
 from cmrkit.eval.seeds import seed_std
 from cmrkit.utils import atomic_write
@@ -428,16 +428,20 @@ def seen_average(m: MethodRecord, d: str, T: int) -> list[Num]:
         std = None
         if per_seed is not None:
             n = len(_at(per_seed, t, 0) or [])
-            seeds = [
-                final_average([[_at(per_seed, t, s, i) for s in range(t + 1)]]) for i in range(n)
-            ]
+            seeds = [_mean([_at(per_seed, t, s, i) for s in range(t + 1)]) for i in range(n)]
             std = seed_std(seeds)
         out.append(Num(mean_rows[t], _at(m.seen_average_ci, d, "R@1", t), std))
     return out
 
 
 def _row_mean(recall: dict, d: str, t: int) -> float | None:
-    return final_average([[_at(recall, d, "R@1", t, s) for s in range(t + 1)]])
+    return _mean([_at(recall, d, "R@1", t, s) for s in range(t + 1)])
+
+
+def _mean(values: list) -> float | None:
+    """Mean, or None when any value is missing."""
+    nums = [_num(v) for v in values]
+    return None if not nums or None in nums else sum(nums) / len(nums)
 
 
 def _plot_average(res: Results, path: Path) -> Path:
