@@ -37,6 +37,8 @@ PRETRAIN_HELP = {
     "seed": "random seed (the build is bit for bit reproducible for a seed and thread count)",
     "threads": "torch threads (part of what makes the build reproducible)",
     "crop_pad": "images are stored this many pixels larger and randomly cropped",
+    "cls_domains": "build cmrkit-mini-cls: add cmr-cls's pretraining half of icon themes and "
+    "fonts (configs/domains/cmr-cls.yaml); written to cmrkit-mini-cls-vision.safetensors",
 }
 
 
@@ -107,6 +109,7 @@ def _extra_commands():
     for module in (
         "cmrkit.adapters.cli",
         "cmrkit.ablate",
+        "cmrkit.classify",
         "cmrkit.index.cli",
         "cmrkit.serve.cli",
     ):
@@ -277,7 +280,9 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--data-root", help="folder holding cmr-base (default: $CMRKIT_DATA)")
     defaults = PretrainConfig(data_root="")
     for f in fields(PretrainConfig):
-        if f.name != "data_root":
+        if f.name == "cls_domains":
+            p.add_argument("--cls-domains", action="store_true", help=PRETRAIN_HELP[f.name])
+        elif f.name != "data_root":
             default = getattr(defaults, f.name)
             p.add_argument(
                 f"--{f.name.replace('_', '-')}",

@@ -1,6 +1,7 @@
 """Backbones behind one face (:class:`DualEncoder`), loaded by a spec string.
 
 ``cmrkit-mini``            the embedded default (MiniLM text tower + cmrkit-pretrained ViT)
+``cmrkit-mini-cls``        its variant whose pretraining also saw half of cmr-cls's renderings
 ``tiny-clip|tiny-siglip|tiny-vtde|tiny-mini``   random toy models for tests
 ``hf:NAME_OR_PATH``        a transformers CLIP / SigLIP / VisionTextDualEncoder checkpoint
 ``open_clip:ARCH[:TAG]``   an open_clip model (optional dependency, custom blocks)
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .base import DualEncoder, TextBatch
 
-NAMED = ("cmrkit-mini", "tiny-mini", "tiny-clip", "tiny-siglip", "tiny-vtde")
+NAMED = ("cmrkit-mini", "cmrkit-mini-cls", "tiny-mini", "tiny-clip", "tiny-siglip", "tiny-vtde")
 
 
 def load_backbone(spec: str, seed: int = 0) -> DualEncoder:
@@ -35,6 +36,10 @@ def load_backbone(spec: str, seed: int = 0) -> DualEncoder:
         from .embedded import load_mini
 
         return load_mini()
+    if spec == "cmrkit-mini-cls":
+        from .embedded import CLS_VISION_WEIGHTS, load_mini
+
+        return load_mini(CLS_VISION_WEIGHTS)
     if spec == "tiny-mini":
         from .embedded import tiny_mini
 

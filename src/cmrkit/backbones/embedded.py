@@ -23,6 +23,8 @@ from .hf import BERT_TARGETS, CLIP_TARGETS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 VISION_WEIGHTS = ASSETS / "cmrkit-mini-vision.safetensors"
+# cmrkit-mini-cls: the same model pretrained with half of cmr-cls's icon themes and fonts added
+CLS_VISION_WEIGHTS = ASSETS / "cmrkit-mini-cls-vision.safetensors"
 VISION_CONFIG = dict(
     image_size=64,
     patch_size=8,

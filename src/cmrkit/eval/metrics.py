@@ -101,3 +101,51 @@ def summarize(
         }
         for name, fn in METRICS.items()
     }
+
+
+# --- continual classification (accuracy matrices A[t][s], percent, every cell filled) ----------
+# A[t][s] is the accuracy on task s after training task t, zero-shot for s > t (MTIL: dataset s
+# with its own classes; Class-IL: class group s with argmax over all of the dataset's classes).
+
+
+@_metric
+def mtil_transfer(a: np.ndarray) -> np.ndarray:
+    """ZSCL's Transfer: mean over s ≥ 2 (1-based) of mean_{t<s} A[t][s]."""
+    T = a.shape[-1]
+    if T < 2:
+        return np.full(a.shape[:-2], np.nan)
+    return np.stack([a[..., :s, s].mean(-1) for s in range(1, T)], -1).mean(-1)
+
+
+@_metric
+def mtil_average(a: np.ndarray) -> np.ndarray:
+    """ZSCL's Avg: mean over s of the column mean of A (all rows)."""
+    return a.mean(-2).mean(-1)
+
+
+@_metric
+def ci_transfer(a: np.ndarray) -> np.ndarray:
+    """CI-Transfer (MoDER): mean over t < T of the mean accuracy on tasks t+1..T."""
+    T = a.shape[-1]
+    if T < 2:
+        return np.full(a.shape[:-2], np.nan)
+    return np.stack([a[..., t, t + 1 :].mean(-1) for t in range(T - 1)], -1).mean(-1)
+
+
+def seen_average(R: Matrix | np.ndarray) -> list[float]:
+    """Per row t: mean accuracy on the tasks seen so far, mean_{s≤t} A[t][s]."""
+    a = as_array(R)
+    return [float(a[t, : t + 1].mean()) for t in range(a.shape[-1])]
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """Base-to-novel HM = 2·B·N / (B + N) (0 when both are 0)."""
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+
+
+CLS_METRICS = {
+    "transfer": mtil_transfer,
+    "avg": mtil_average,
+    "last": final_average,  # the mean of the last row, MTIL's Last = Class-IL's final average
+    "ci_transfer": ci_transfer,
+}

@@ -59,9 +59,15 @@ def classification_ranks(
     check_finite(img, f"zero-shot {getattr(ds, 'name', '?')}: image embeddings")
     index = {c: j for j, c in enumerate(classes)}
     target = torch.tensor([index[labels[i]] for i in keep])
-    s = img @ cls.T
+    return prototype_ranks(img, cls, target)
+
+
+def prototype_ranks(images: Tensor, prototypes: Tensor, target: Tensor) -> Tensor:
+    """0-based rank of class ``target[i]`` among ``images[i] @ prototypes.T`` (ties go to the
+    lower class index): one matmul against cached class prototypes."""
+    s = images @ prototypes.T
     st = s.gather(1, target[:, None])
-    cols = torch.arange(len(classes))
+    cols = torch.arange(len(prototypes))
     return (s > st).sum(1) + ((s == st) & (cols[None] < target[:, None])).sum(1)
 
 

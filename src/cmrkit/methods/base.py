@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backbones.base import DualEncoder, TextBatch
 from ..data.dataset import ImageCaptionDataset
+from ..eval.zeroshot import class_embeddings
 from ..train.loop import TrainConfig
 from ..train.losses import contrastive_loss
 
@@ -35,6 +36,9 @@ class TaskContext:
     train: ImageCaptionDataset
     train_config: TrainConfig
     seen: list[str] = field(default_factory=list)  # names of the tasks so far, this one included
+    # classification tasks: the prompt names of the classes this task trains (else None)
+    classes: list[str] | None = None
+    templates: list[str] | None = None  # their prompt templates
 
 
 class ContinualMethod:
@@ -44,6 +48,8 @@ class ContinualMethod:
     # method opts in: otherwise training at lr 0 would change the model.
     updates_norm_statistics: ClassVar[bool] = False
     extra_options: ClassVar[dict[str, Any]] = {}  # options taken through **kwargs: name: default
+    # the loop passes each batch's caption strings to training_loss (label-supervised methods)
+    reads_captions: ClassVar[bool] = False
 
     def __init__(self, backbone: DualEncoder, **options: Any) -> None:
         self.backbone = backbone
@@ -95,6 +101,11 @@ class ContinualMethod:
         """The encoder for the test data of seen task ``task``. Task-agnostic methods ignore the
         name; a task-aware upper bound (``dar_oracle``) uses it."""
         return self.encoder()
+
+    def class_prototypes(self, names: list[str], templates: list[str]) -> Tensor:
+        """[C, d] normalised classifier of classes ``names`` (prompt names): classification
+        through text prototypes is retrieval against class names (MoDER uses its experts)."""
+        return class_embeddings(self.encoder(), names, templates)
 
     def extra_eval(self, task: str, ds: ImageCaptionDataset) -> dict:
         """Method-specific numbers on a seen task's test data, stored in the method's record

@@ -197,13 +197,14 @@ def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: i
     while step < total:
         loader.dataset.epoch = epoch
         distributed.set_epoch(loader, epoch)
-        for pixels, tokens, _ in loader:
+        for pixels, tokens, captions in loader:
             pixels = pixels.to(device)
             tokens = {k: v.to(device) for k, v in tokens.items()}
             ends_step = (micro + 1) % cfg.grad_accum == 0
             with distributed.no_sync(training_loss, ends_step):  # DDP syncs on a step's last
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    terms = training_loss(pixels, tokens)
+                    extra = (captions,) if method.reads_captions else ()  # labels as text
+                    terms = training_loss(pixels, tokens, *extra)
                     loss = sum(terms.values())
                 _check_loss(terms, method, ds, task_index, step)
                 scaler.scale(loss / cfg.grad_accum).backward()

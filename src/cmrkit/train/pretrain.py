@@ -4,6 +4,11 @@ The text tower (all-MiniLM-L6-v2) stays frozen, so every caption's embedding is 
 the ViT image tower and its projection learn to map images next to their captions with the CLIP
 loss. Data: cmr-base (real clip art and product photos, disjoint from every cmr-mini task) plus
 procedurally generated scenes. Deterministic for a given seed and thread count.
+
+``cls_domains`` builds the variant ``cmrkit-mini-cls``: the same pool plus the pretraining half of
+cmr-cls (the icon themes and font families listed in ``configs/domains/cmr-cls.yaml``, train and
+test rows), so the backbone knows icons and glyphs as CLIP knows web concepts, while the
+classification suites evaluate only the other themes and fonts.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..backbones.embedded import VISION_CONFIG, VISION_WEIGHTS, MiniDualEncoder, minilm_text_model
+from ..backbones.embedded import (
+    CLS_VISION_WEIGHTS,
+    VISION_CONFIG,
+    VISION_WEIGHTS,
+    MiniDualEncoder,
+    minilm_text_model,
+)
 from ..data.dataset import ImageCaptionDataset, load_imagefolder
 from ..utils import atomic_write, flush_denormals, seed_everything
 from .loop import warmup_cosine
@@ -44,6 +55,11 @@ class PretrainConfig:
     seed: int = 0
     threads: int = 2
     crop_pad: int = 8  # images are stored at size + pad and randomly cropped to size
+    cls_domains: bool = False  # add cmr-cls's pretraining renderings (the cmrkit-mini-cls variant)
+
+    def __post_init__(self) -> None:
+        if self.cls_domains and Path(self.out) == VISION_WEIGHTS:  # never overwrite cmrkit-mini
+            self.out = str(CLS_VISION_WEIGHTS)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -131,7 +147,25 @@ def _pretraining_corpus(cfg: PretrainConfig) -> ImageCaptionDataset:
             images.append(image)
             captions.append(caps)
             labels.append(label)
+    if cfg.cls_domains:
+        for part in _cls_pretraining_part(Path(cfg.data_root)):
+            images += part.images
+            captions += part.captions
+            labels += part.labels
     return ImageCaptionDataset("pretrain", images, captions, labels)
+
+
+def _cls_pretraining_part(root: Path) -> list[ImageCaptionDataset]:
+    """The rows of cmr-cls whose theme / font is in the pretraining half (both splits)."""
+    from ..data.classification import pretrain_renderings, select_renderings
+
+    parts = []
+    for domain, spec in pretrain_renderings().items():
+        for split in ("train", "test"):
+            folder = root / "cmr-cls" / domain / split
+            ds = load_imagefolder(folder, name=domain, verify=False)
+            parts.append(select_renderings(ds, folder, spec["field"], spec["pretrain"], True))
+    return parts
 
 
 def _decode(ds: ImageCaptionDataset, side: int, model: MiniDualEncoder) -> torch.Tensor:

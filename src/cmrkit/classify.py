@@ -1,0 +1,336 @@
+"""``cmrkit classify``: continual zero-shot classification — Class-IL, MTIL, base-to-novel.
+
+The classification counterpart of ``cmrkit bench``, on the same pieces: a method is built from
+its config (:func:`cmrkit.bench.method_config`), trained task by task through the one loop
+(:func:`cmrkit.train.loop.train_task`) with the same hooks, and scored through
+``method.class_prototypes`` — text prototypes of the class names, i.e. retrieval against class
+names, so every retrieval method runs unchanged; MoDER supplies its experts instead.
+
+After each task t every task s is scored (zero-shot for s > t): ``A[t][s]`` = top-1 accuracy on
+s's test items, argmax over all of the dataset's classes (Class-IL) or over dataset s's own
+classes (MTIL). Metrics (:mod:`cmrkit.eval.metrics`): Transfer / Avg / Last (MTIL) and
+CI-Transfer / final average (Class-IL), each with a 95 % bootstrap interval over test items.
+Base-to-novel trains k shots per base class and scores base and novel classes, each in its own
+label space, with HM. Writes ``results.json``, ``report.md`` and plots.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import load_backbone
+from .bench import _environment, _jsonable, method_config
+from .data.classification import (
+    ClsSuite,
+    ClsTask,
+    LabelledSet,
+    base_novel_split,
+    few_shot,
+    load_cls_suite,
+    stored,
+)
+from .data.dataset import ImageCaptionDataset
+from .eval.bootstrap import BootstrapConfig, interval, replicate_means, stream_seed
+from .eval.metrics import CLS_METRICS, harmonic_mean, seen_average
+from .eval.retrieval import embed_images
+from .eval.zeroshot import prototype_ranks
+from .methods import TaskContext, build_method
+from .train.loop import train_task
+from .utils import check_finite, check_writable_dir, derived_seed, seed_everything, write_json
+
+PROTOCOLS = ("class-il", "mtil", "base-to-novel")
+
+
+@dataclass
+class ClassifyConfig:
+    suite: str
+    methods: list[str]
+    out: str
+    protocol: str | None = None  # None = the suite's (class-il or mtil); or base-to-novel
+    data_root: str | None = None
+    backbone: str = "cmrkit-mini-cls"
+    order: str = "given"  # given | reverse
+    train_overrides: dict = field(default_factory=dict)
+    method_options: dict[str, dict] = field(default_factory=dict)
+    max_train_items: int | None = None  # per task, a seeded subset (quick runs)
+    shots: int = 16  # base-to-novel: training items per base class
+    split_seed: int = 0  # base-to-novel: the base / novel halves
+    eval_batch_size: int = 512
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Classify:
+    def __init__(self, cfg: ClassifyConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        if cfg.protocol is not None and cfg.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"--protocol must be one of {', '.join(PROTOCOLS)}, not {cfg.protocol!r}"
+            )
+        if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
+            raise ValueError(f"--methods: give distinct method names, got {cfg.methods}")
+        if cfg.shots < 1:
+            raise ValueError(f"--shots must be >= 1, got {cfg.shots}")
+        self.settings = {
+            m: method_config(m, cfg.train_overrides, cfg.method_options.get(m)) for m in cfg.methods
+        }
+        check_writable_dir(self.out, "--out")
+        self.suite: ClsSuite = load_cls_suite(cfg.suite, cfg.data_root)
+        self.protocol = cfg.protocol or self.suite.protocol
+        self.boot = BootstrapConfig()
+
+    def run(self) -> dict:
+        started = time.time()
+        results = {
+            "suite": self.suite.name,
+            "protocol": self.protocol,
+            "config": _jsonable(asdict(self.cfg)),
+            "environment": _environment(self.cfg.device),
+            "methods": {},
+        }
+        if self.protocol == "base-to-novel":
+            results["datasets"] = list(self.suite.datasets)
+        else:
+            tasks = self.suite.stream(self.cfg.order, self.out / "splits")
+            results["tasks"] = [t.name for t in tasks]
+            results["task_classes"] = {t.name: t.class_ids for t in tasks}
+        for name in self.cfg.methods:
+            method_started = time.time()
+            if self.protocol == "base-to-novel":
+                record = self._base_to_novel(name)
+            else:
+                record = self._stream(name, tasks)
+            record["wall_s"] = time.time() - method_started
+            results["methods"][name] = record
+            write_json(self.out / "results.json", results)
+        results["wall_s"] = time.time() - started
+        write_json(self.out / "results.json", results)
+        from .eval.cls_report import write_cls_report
+
+        write_cls_report(results, self.out)
+        return results
+
+    # --- Class-IL and MTIL -------------------------------------------------------------------
+    def _stream(self, name: str, tasks: list[ClsTask]) -> dict:
+        method, train_cfg = self._build(name)
+        T = len(tasks)
+        correct: dict[tuple[int, int], torch.Tensor] = {}
+        timings = {"train_s": [], "eval_s": []}
+        for t, task in enumerate(tasks):
+            tic = time.time()
+            self._train(method, t, task.name, task.train, task.class_ids, train_cfg, tasks[: t + 1])
+            timings["train_s"].append(time.time() - tic)
+            tic = time.time()
+            for s, hits in enumerate(self._score(method, tasks)):
+                correct[t, s] = hits
+            timings["eval_s"].append(time.time() - tic)
+        A = [[100.0 * correct[t, s].double().mean().item() for s in range(T)] for t in range(T)]
+        reps = np.stack(
+            [
+                np.stack(
+                    [
+                        100 * replicate_means(correct[t, s], self.boot.n_boot, self._seed(tasks[s]))
+                        for s in range(T)
+                    ],
+                    -1,
+                )
+                for t in range(T)
+            ],
+            -2,
+        )  # [n_boot, T, T]: task s's items resampled alike in every row and method
+        metrics = {
+            key: {"value": fn(A), "ci": interval(fn(reps), self.boot.level)}
+            for key, fn in CLS_METRICS.items()
+        }
+        return {
+            "accuracy": A,
+            "seen_average": seen_average(A),
+            "metrics": metrics,
+            "config": self._record_config(name),
+            "timings": timings,
+        }
+
+    def _score(self, method, tasks: list[ClsTask]) -> list[torch.Tensor]:
+        """Per task, whether each of its test items is classified right (one image forward per
+        distinct test set, one matmul against its cached class prototypes)."""
+        hits_of: dict[int, torch.Tensor] = {}
+        out = []
+        for task in tasks:
+            key = id(task.test)
+            if key not in hits_of:
+                hits_of[key] = self._hits(method, task.test)
+            in_task = torch.isin(task.test.targets, torch.tensor(task.class_ids))
+            out.append(hits_of[key][in_task])
+        return out
+
+    def _hits(self, method, test: LabelledSet) -> torch.Tensor:
+        protos = method.class_prototypes(test.prompt_names, test.templates)
+        images = embed_images(method.encoder(), test.data, self.cfg.eval_batch_size, progress=False)
+        check_finite(protos, f"method {method.name}: class prototypes of {test.data.name}")
+        check_finite(images, f"method {method.name}: image embeddings of {test.data.name}")
+        return prototype_ranks(images, protos.to(images), test.targets) == 0
+
+    # --- base-to-novel -----------------------------------------------------------------------
+    def _base_to_novel(self, name: str) -> dict:
+        per_dataset = {}
+        for d, (train, test) in self.suite.datasets.items():
+            method, train_cfg = self._build(name)
+            key = f"{d}.base-novel-{self.cfg.split_seed}"
+            halves = base_novel_split(len(test.classes), self.cfg.split_seed)
+            base, novel = stored(self.suite.suite, key, list(halves), self.out / "splits")
+            shots = few_shot(
+                train.relabel(base), list(range(len(base))), self.cfg.shots, self.cfg.split_seed
+            )
+            tic = time.time()
+            self._train(method, 0, d, shots, list(range(len(base))), train_cfg, None)
+            train_s = time.time() - tic
+            b = self._hits(method, test.relabel(base))
+            n = self._hits(method, test.relabel(novel))
+            B, N = 100 * b.double().mean().item(), 100 * n.double().mean().item()
+            per_dataset[d] = {
+                "base": B,
+                "novel": N,
+                "hm": harmonic_mean(B, N),
+                "base_ci": self._interval(b, f"{d}/base"),
+                "novel_ci": self._interval(n, f"{d}/novel"),
+                "train_items": len(shots.data),
+                "train_s": train_s,
+            }
+        mean = {k: float(np.mean([v[k] for v in per_dataset.values()])) for k in ("base", "novel")}
+        mean["hm"] = harmonic_mean(mean["base"], mean["novel"])
+        return {"per_dataset": per_dataset, "average": mean, "config": self._record_config(name)}
+
+    # --- shared --------------------------------------------------------------------------------
+    def _build(self, name: str):
+        train_cfg, options = self.settings[name]
+        seed_everything(derived_seed(train_cfg.seed, "init"))
+        backbone = load_backbone(self.cfg.backbone).to(self.cfg.device)
+        return build_method(name, backbone, **options), train_cfg
+
+    def _train(self, method, t, name, train: LabelledSet, class_ids, train_cfg, seen_tasks):
+        """One task through the bench's lifecycle. A label-supervised method (MoDER) reads each
+        image's class prompt name as its caption; the others train on the real captions."""
+        data = train.data
+        if method.reads_captions:
+            data = _label_captions(train)
+        data = self._cap(data, train_cfg.seed)
+        ctx = TaskContext(
+            t,
+            name,
+            data,
+            train_cfg,
+            [s.name for s in seen_tasks] if seen_tasks else [name],
+            classes=[train.prompt_names[c] for c in class_ids],
+            templates=list(train.templates),
+        )
+        seed_everything(derived_seed(train_cfg.seed, t, "begin_task"))
+        method.begin_task(ctx)
+        if method.trains:
+            train_task(method, ctx.train, train_cfg, t)
+        seed_everything(derived_seed(train_cfg.seed, t, "end_task"))
+        method.end_task(ctx)
+
+    def _cap(self, ds: ImageCaptionDataset, seed: int) -> ImageCaptionDataset:
+        cap = self.cfg.max_train_items
+        if cap and len(ds) > cap:
+            gen = torch.Generator().manual_seed(seed)
+            ds = ds.subset(sorted(torch.randperm(len(ds), generator=gen).tolist()[:cap]))
+        return ds
+
+    def _seed(self, task: ClsTask) -> int:
+        return stream_seed(self.boot.seed, f"cls/{task.name}")
+
+    def _interval(self, hits: torch.Tensor, key: str):
+        reps = 100 * replicate_means(hits, self.boot.n_boot, stream_seed(self.boot.seed, key))
+        return interval(reps, self.boot.level)
+
+    def _record_config(self, name: str) -> dict:
+        train_cfg, options = self.settings[name]
+        return _jsonable({"train": asdict(train_cfg), "options": options})
+
+
+def _label_captions(train: LabelledSet) -> ImageCaptionDataset:
+    """The items with their class's prompt name as the only caption."""
+    names = [[train.prompt_names[y]] for y in train.targets.tolist()]
+    d = train.data
+    return ImageCaptionDataset(d.name, d.images, names, d.labels, d.ids, [], d.rows, d.source_size)
+
+
+def run_classify(cfg: ClassifyConfig) -> dict:
+    return Classify(cfg).run()
+
+
+# --- the command ---------------------------------------------------------------------------------
+def register(sub) -> None:
+    p = sub.add_parser(
+        "classify", help="continual zero-shot classification: Class-IL, MTIL, base-to-novel"
+    )
+    p.add_argument("--suite", required=True, help="a cls-* suite name or a suite YAML path")
+    p.add_argument("--methods", default="zeroshot,moder", help="comma-separated method names")
+    p.add_argument("--out", required=True, help="output folder (results.json, report.md, plots)")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="default: the suite's (class-il, mtil)")
+    p.add_argument("--order", choices=["given", "reverse"], default="given", help="task order")
+    p.add_argument("--data-root", help="data root (default: $CMRKIT_DATA, else ../shared/data)")
+    p.add_argument("--backbone", default="cmrkit-mini-cls", help="as for cmrkit bench")
+    p.add_argument("--shots", type=int, default=16, help="base-to-novel: items per base class")
+    p.add_argument("--split-seed", type=int, default=0, help="base-to-novel: seed of the halves")
+    p.add_argument("--epochs", type=float, help="epochs per task, for every method")
+    p.add_argument("--batch-size", type=int, help="training batch size, for every method")
+    p.add_argument("--lr", type=float, help="learning rate, for every method")
+    p.add_argument("--max-steps", type=int, help="cap optimizer steps per task")
+    p.add_argument("--max-train-items", type=int, help="cap training items per task")
+    p.add_argument("--seed", type=int, help="training seed")
+    p.add_argument("--eval-batch-size", type=int, default=512, help="images per batch")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="as for bench"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> int:
+    from .cli import _method_options, _split
+
+    overrides = {
+        k: getattr(args, k)
+        for k in ("epochs", "batch_size", "lr", "max_steps", "seed")
+        if getattr(args, k) is not None
+    }
+    if args.no_progress:
+        overrides["progress"] = False
+    cfg = ClassifyConfig(
+        suite=args.suite,
+        methods=_split(args.methods),
+        out=args.out,
+        protocol=args.protocol,
+        data_root=args.data_root,
+        backbone=args.backbone,
+        order=args.order,
+        train_overrides=overrides,
+        method_options=_method_options(args.set),
+        max_train_items=args.max_train_items,
+        shots=args.shots,
+        split_seed=args.split_seed,
+        eval_batch_size=args.eval_batch_size,
+    )
+    if args.device:
+        cfg.device = args.device
+    results = run_classify(cfg)
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    for name, record in results["methods"].items():
+        if "metrics" in record:
+            shown = "  ".join(
+                f"{k} {v['value']:.1f}"
+                for k, v in record["metrics"].items()
+                if v["value"] is not None
+            )
+        else:
+            shown = "  ".join(f"{k} {v:.1f}" for k, v in record["average"].items())
+        print(f"{name:>16}: {shown}")
+    return 0

@@ -1,0 +1,109 @@
+"""Markdown report and plots of a ``cmrkit classify`` run, in the papers' layout: MTIL's
+Transfer / Avg / Last (ZSCL), Class-IL's CI-Transfer and final average (MoDER), base-to-novel's
+Base / Novel / HM per dataset and on average (CoOp, MMA). Numbers carry ±half-width of their 95 %
+bootstrap interval over test items."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cmrkit.eval.report import Num, _fmt_time, _save, _table
+from cmrkit.utils import atomic_write
+
+STREAM_COLUMNS = {
+    "mtil": (("transfer", "Transfer"), ("avg", "Avg"), ("last", "Last")),
+    "class-il": (("ci_transfer", "CI-Transfer"), ("last", "Final avg"), ("avg", "Avg (all rows)")),
+}
+
+
+def write_cls_report(results: dict, out: Path) -> list[Path]:
+    out = Path(out)
+    lines = [f"# {results['suite']}: {results['protocol']}", ""]
+    cfg = results["config"]
+    lines += [
+        f"Backbone `{cfg['backbone']}`, order `{cfg['order']}`, "
+        f"wall time {_fmt_time(Num(results.get('wall_s')))}.",
+        "",
+    ]
+    written = []
+    if results["protocol"] == "base-to-novel":
+        lines += _base_novel(results)
+    else:
+        lines += _stream(results)
+        written.append(_plot_rows(results, out / "accuracy_over_tasks.png"))
+    atomic_write(out / "report.md", lambda p: p.write_text("\n".join(lines)))
+    return [out / "report.md", *written]
+
+
+def _stream(results: dict) -> list[str]:
+    methods, tasks = results["methods"], results["tasks"]
+    cols = STREAM_COLUMNS[results["protocol"]]
+    rows = [
+        (
+            name,
+            [Num(r["metrics"][k]["value"], r["metrics"][k]["ci"]) for k, _ in cols]
+            + [Num(r["wall_s"])],
+        )
+        for name, r in methods.items()
+    ]
+    fmts = [Num.text] * len(cols) + [_fmt_time]
+    lines = ["## Summary (top-1 %, ±95 % interval)", ""]
+    lines += _table([c for _, c in cols] + ["Wall time"], rows, ["max"] * len(cols) + ["min"], fmts)
+    lines += [
+        "A[t][s]: top-1 on task s after training task t (zero-shot for s > t). "
+        + (
+            "Transfer = mean over s ≥ 2 of mean_{t<s} A[t][s]; Avg = mean of the column means; "
+            "Last = mean of the last row."
+            if results["protocol"] == "mtil"
+            else "Argmax over all classes of the dataset. CI-Transfer = mean over t < T of the "
+            "mean accuracy on tasks t+1..T; Final avg = mean of the last row."
+        ),
+        "",
+    ]
+    for name, r in methods.items():
+        lines += [f"### {name}: accuracy matrix", ""]
+        lines += ["| after \\ on | " + " | ".join(tasks) + " | seen avg |"]
+        lines += ["|---|" + "---:|" * (len(tasks) + 1)]
+        for t, row in enumerate(r["accuracy"]):
+            cells = [f"{v:.1f}" if s <= t else f"*{v:.1f}*" for s, v in enumerate(row)]
+            lines += [f"| {tasks[t]} | " + " | ".join(cells) + f" | {r['seen_average'][t]:.1f} |"]
+        lines += ["", "(*italic*: zero-shot cells, tasks not trained yet)", ""]
+    return lines
+
+
+def _base_novel(results: dict) -> list[str]:
+    methods, datasets = results["methods"], results["datasets"]
+    lines = [f"## Base-to-novel ({results['config']['shots']} shots per base class)", ""]
+    for d in [*datasets, "average"]:
+        rows = []
+        for name, r in methods.items():
+            v = r["average"] if d == "average" else r["per_dataset"][d]
+            rows.append(
+                (
+                    name,
+                    [
+                        Num(v["base"], v.get("base_ci")),
+                        Num(v["novel"], v.get("novel_ci")),
+                        Num(v["hm"]),
+                    ],
+                )
+            )
+        lines += [f"### {d}", ""] + _table(["Base", "Novel", "HM"], rows, ["max"] * 3)
+    return lines
+
+
+def _plot_rows(results: dict, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    seen_ax, future_ax = fig.subplots(1, 2)
+    T = len(results["tasks"])
+    for name, r in results["methods"].items():
+        A = r["accuracy"]
+        seen_ax.plot(range(1, T + 1), r["seen_average"], marker="o", label=name)
+        future = [sum(A[t][t + 1 :]) / (T - t - 1) for t in range(T - 1)]
+        future_ax.plot(range(1, T), future, marker="o", label=name)
+    seen_ax.set(title="seen tasks (mean top-1 %)", xlabel="after task")
+    future_ax.set(title="future tasks, zero-shot (mean top-1 %)", xlabel="after task")
+    seen_ax.legend(fontsize=7)
+    return _save(fig, path)
