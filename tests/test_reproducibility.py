@@ -30,7 +30,7 @@ from cmrkit.eval.zeroshot import zeroshot_classify
 from cmrkit.methods import METHODS, _load_all  # noqa: F401  (fills the registry)
 from cmrkit.utils import NonFiniteError
 
-ALL = sorted(METHODS)
+ALL = sorted(m for m, cls in METHODS.items() if cls.retrieval)  # moder: cmrkit classify
 DRIVER = Path(__file__).with_name("kill_driver.py")
 SUITE = textwrap.dedent("""
     name: tiny

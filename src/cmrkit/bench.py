@@ -458,6 +458,8 @@ def _check_arguments(cfg: BenchConfig) -> dict[str, tuple[TrainConfig, dict]]:
     if unknown := [m for m in cfg.methods if m not in METHODS]:
         known = ", ".join(sorted(METHODS))
         raise ValueError(f"--methods: unknown method {unknown[0]!r}; known: {known}")
+    if cls_only := [m for m in cfg.methods if not METHODS[m].retrieval]:
+        raise ValueError(f"--methods: {cls_only[0]} needs class names: use cmrkit classify")
     if extra := sorted(set(cfg.method_options) - set(cfg.methods)):
         methods = ", ".join(cfg.methods)
         raise ValueError(f"--set {extra[0]}.…: method {extra[0]!r} is not in --methods ({methods})")

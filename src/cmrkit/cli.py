@@ -199,7 +199,8 @@ def _run_bench(args) -> int:
     from .methods import METHODS, _load_all  # noqa: F401  (fills the registry)
     from .train.loop import TrainConfig
 
-    methods = sorted(METHODS) if args.methods == "all" else _split(args.methods)
+    every = sorted(m for m, cls in METHODS.items() if cls.retrieval)
+    methods = every if args.methods == "all" else _split(args.methods)
     overrides = dict(QUICK) if args.quick else {}
     for f in fields(TrainConfig):
         value = getattr(args, f.name, None)

@@ -1,3 +1,15 @@
 """Importing this module registers every built-in method."""
 
-from . import cclip, dar, dkr, ewc, finetune, l2p, lora_ft, modx, task_arithmetic, zeroshot  # noqa: F401
+from . import (  # noqa: F401
+    cclip,
+    dar,
+    dkr,
+    ewc,
+    finetune,
+    l2p,
+    lora_ft,
+    moder,
+    modx,
+    task_arithmetic,
+    zeroshot,
+)

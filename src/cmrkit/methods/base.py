@@ -50,6 +50,7 @@ class ContinualMethod:
     extra_options: ClassVar[dict[str, Any]] = {}  # options taken through **kwargs: name: default
     # the loop passes each batch's caption strings to training_loss (label-supervised methods)
     reads_captions: ClassVar[bool] = False
+    retrieval: ClassVar[bool] = True  # False: classification only (needs class names; MoDER)
 
     def __init__(self, backbone: DualEncoder, **options: Any) -> None:
         self.backbone = backbone
