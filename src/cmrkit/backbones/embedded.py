@@ -125,9 +125,10 @@ def load_mini(weights: Path | None = None, random_vision: bool = False) -> MiniD
     vision_config = None
     if not random_vision:
         if not weights.exists():
+            variant = " --cls-domains" if weights == CLS_VISION_WEIGHTS else ""
             raise FileNotFoundError(
                 f"{weights}: the image tower of cmrkit-mini is missing; build it with "
-                "`cmrkit pretrain` (about 15 minutes on 2 CPU cores)"
+                f"`cmrkit pretrain{variant}` (about 15 minutes on 2 CPU cores)"
             )
         config_path = weights.with_suffix(".json")
         if config_path.exists():
