@@ -74,6 +74,8 @@ class Classify:
             )
         if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
             raise ValueError(f"--methods: give distinct method names, got {cfg.methods}")
+        if extra := sorted(set(cfg.method_options) - set(cfg.methods)):
+            raise ValueError(f"--set {extra[0]}.…: method {extra[0]!r} is not in --methods")
         if cfg.shots < 1:
             raise ValueError(f"--shots must be >= 1, got {cfg.shots}")
         self.settings = {
