@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..adapters import inject_lora_bank
 from ..backbones.base import DualEncoder, TextBatch
-from ..train.losses import contrastive_loss
+from ..train.losses import clip_loss, contrastive_loss
 from .base import ContinualMethod, TaskContext, register
 from .distill import eval_mode
 
@@ -35,12 +35,11 @@ from .distill import eval_mode
 def ckc_loss(
     new_image: Tensor, new_text: Tensor, old_image: Tensor, old_text: Tensor, temperature: float
 ) -> Tensor:
-    """Symmetric InfoNCE between 2N projected new items and the 2N old items (i ↔ i)."""
+    """Symmetric InfoNCE between 2N projected new items and the 2N old items (i ↔ i); over the
+    global batch under torchrun, like the CLIP term."""
     h = F.normalize(torch.cat([new_image, new_text]), dim=-1)
     z = F.normalize(torch.cat([old_image, old_text]), dim=-1)
-    logits = h @ z.t() / temperature
-    target = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    return clip_loss(h, z, 1.0 / temperature)
 
 
 def identity_projector(dim: int) -> nn.Linear:

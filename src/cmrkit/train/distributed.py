@@ -47,7 +47,11 @@ def init_from_env(timeout_s: float = 1800) -> bool:
 
 
 def shutdown() -> None:
+    """Leave the process group; the barrier first lets every rank finish its last collective
+    (gloo aborts a process whose peer closes a connection mid-operation)."""
     if is_active():
+        if world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -36,9 +36,14 @@ def sigmoid_loss(
     image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al., 2023): every image–caption pair is a binary
-    problem, positive on the diagonal; summed over captions, averaged over images."""
+    problem, positive on the diagonal; summed over captions, averaged over images. In a global
+    batch (:func:`distributed.global_batch`) this rank's images meet every rank's captions."""
+    n, first = len(image_emb), 0
+    if distributed.gathering():
+        text_emb, first = distributed.gather_with_grad(text_emb), n * distributed.rank()
     logits = logit_scale * image_emb @ text_emb.t() + logit_bias
-    labels = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(n), torch.arange(first, first + n)] = 1
     return -F.logsigmoid(labels * logits).sum(dim=-1).mean()
 
 
