@@ -167,7 +167,7 @@ def test_cls_icons_evaluates_only_themes_unseen_in_pretraining():
 def test_classify_class_il_numbers_equal_a_hand_computation(tmp_path, cls_root):
     cfg = ClassifyConfig(
         suite=str(_suite(tmp_path)),
-        methods=["zeroshot", "finetune"],
+        methods=["zeroshot", "finetune", "lora_ft", "dar"],  # retrieval methods, unchanged
         out=str(tmp_path / "run"),
         data_root=str(cls_root),
         backbone="tiny-mini",
@@ -187,6 +187,8 @@ def test_classify_class_il_numbers_equal_a_hand_computation(tmp_path, cls_root):
     for s, ids in enumerate(results["task_classes"].values()):
         mask = torch.isin(test.targets, torch.tensor(ids))
         assert zs[0][s] == pytest.approx(100 * hits[mask].double().mean().item())
+    for name in ("lora_ft", "dar"):
+        assert len(results["methods"][name]["accuracy"]) == 3
     ft = results["methods"]["finetune"]
     assert ft["accuracy"][0] != zs[0] or ft["accuracy"][2] != zs[2]  # training changed it
     m = ft["metrics"]["ci_transfer"]
