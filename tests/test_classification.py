@@ -241,3 +241,20 @@ def test_cli_classify_errors_are_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("cmrkit classify: error: no suite")
+
+
+@pytest.mark.skipif(ROOT is None or not (ROOT / "cmr-cls").is_dir(), reason="no cmr-cls")
+def test_pretraining_variant_adds_only_the_pretraining_renderings():
+    from cmrkit.backbones.embedded import CLS_VISION_WEIGHTS
+    from cmrkit.data.classification import metadata_field
+    from cmrkit.train.pretrain import PretrainConfig, _cls_pretraining_part
+
+    assert PretrainConfig(data_root="x", cls_domains=True).out == str(CLS_VISION_WEIGHTS)
+    table = pretrain_renderings()
+    parts = _cls_pretraining_part(ROOT)
+    for part, (domain, split) in zip(
+        parts, [(d, s) for d in table for s in ("train", "test")], strict=True
+    ):
+        values = metadata_field(ROOT / "cmr-cls" / domain / split, table[domain]["field"])
+        assert {values[r] for r in part.rows} <= set(table[domain]["pretrain"])
+    assert sum(len(p) for p in parts) == 1733 + 4125  # as stated in configs/domains/cmr-cls.yaml
