@@ -5,7 +5,8 @@
 ``tiny-clip|tiny-siglip|tiny-vtde|tiny-mini``   random toy models for tests
 ``hf:NAME_OR_PATH``        a transformers CLIP / SigLIP / VisionTextDualEncoder checkpoint
 ``open_clip:ARCH[:TAG]``   an open_clip model (optional dependency, custom blocks)
-A bare hub id or directory is read as ``hf:``.
+A bare ``owner/name`` hub id or a directory is read as ``hf:``; any other bare word must be one
+of the names above (a typo is refused with a suggestion, never sent to the hub).
 """
 
 from __future__ import annotations
