@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import DualEncoder, TextBatch
+from ..train import distributed
 from ..train.losses import contrastive_loss
 from .base import ContinualMethod, TaskContext
 
@@ -48,14 +49,27 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 def similarity_matrices(image_emb: Tensor, text_emb: Tensor) -> SimilarityPair:
     """Cosine similarities of L2-normalised embeddings: row i of image→text is image i against
-    every caption, row i of text→image is caption i against every image."""
+    every caption, row i of text→image is caption i against every image. In a global batch
+    (torchrun) a rank holds its own rows against every rank's columns."""
+    if distributed.gathering():
+        all_images = distributed.gather_with_grad(image_emb)
+        all_texts = distributed.gather_with_grad(text_emb)
+        return image_emb @ all_texts.t(), text_emb @ all_images.t()
     i2t = image_emb @ text_emb.t()
     return i2t, i2t.t()
 
 
+def _positives(sim: Tensor) -> Tensor:
+    """The column of each row's own pair: the diagonal, offset by the rows of the ranks before
+    this one when the matrix spans the global batch."""
+    n = len(sim)
+    first = distributed.rank() * n if sim.shape[1] != n else 0
+    return torch.arange(first, first + n, device=sim.device)
+
+
 def correct_rows(sim: Tensor) -> Tensor:
     """(N,) bool: the row's arg-max is its own pair, i.e. the model retrieves the right item."""
-    return sim.argmax(dim=1) == torch.arange(len(sim), device=sim.device)
+    return sim.argmax(dim=1) == _positives(sim)
 
 
 def replace_wrong_rows(old: Tensor, new: Tensor) -> Tensor:
@@ -67,7 +81,7 @@ def replace_wrong_rows(old: Tensor, new: Tensor) -> Tensor:
 def rectified_targets(old_logits: Tensor, new_logits: Tensor) -> Tensor:
     """DKR's target distribution per row: the old row if the old model ranks it correctly, else
     the (detached) new row if the new model does, else the ground-truth one-hot."""
-    one_hot = torch.eye(len(old_logits), dtype=old_logits.dtype, device=old_logits.device)
+    one_hot = F.one_hot(_positives(old_logits), old_logits.shape[1]).to(old_logits.dtype)
     old_ok = correct_rows(old_logits).unsqueeze(1)
     new_ok = correct_rows(new_logits).unsqueeze(1)
     new_probs = new_logits.detach().softmax(dim=1)
@@ -76,10 +90,11 @@ def rectified_targets(old_logits: Tensor, new_logits: Tensor) -> Tensor:
 
 def row_kl(target: Tensor, logits: Tensor, reduction: str = "sum") -> Tensor:
     """KL(target_row ‖ softmax(logits_row)) summed over each row's entries; then summed over rows
-    (``"sum"``, as Mod-X's reference) or averaged over rows (``"mean"``)."""
+    (``"sum"``, as Mod-X's reference) or averaged over rows (``"mean"``). In a global batch the
+    sum is scaled by the number of ranks, so that DDP's mean over ranks is the global sum."""
     kl = F.kl_div(F.log_softmax(logits.float(), dim=1), target.float(), reduction="none").sum(1)
     if reduction == "sum":
-        return kl.sum()
+        return kl.sum() * (distributed.world_size() if distributed.gathering() else 1)
     if reduction == "mean":
         return kl.mean()
     raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
