@@ -179,7 +179,7 @@ def _ds(style, n, seed):
     return ImageCaptionDataset(style, *map(list, zip(*rows, strict=True)))
 
 
-def _dar_task(batch_size):
+def _dar_task(batch_size, grad_accum=1):
     """One DAR task (no dropout: its masks are drawn per rank), then its routed evaluation."""
     train, test = _ds("flat", 16, seed=0), _ds("flat", 10, seed=5)
     torch.manual_seed(0)  # the adapter's initialisation, as bench seeds each task
@@ -188,7 +188,14 @@ def _dar_task(batch_size):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     method = build_method("dar", backbone, rank=2, alpha=4.0, dropout=0.0)
-    cfg = TrainConfig(epochs=2, batch_size=batch_size, lr=1e-2, warmup_epochs=0, progress=False)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=1e-2,
+        warmup_epochs=0,
+        progress=False,
+    )
     ctx = TaskContext(0, train.name, train, cfg, [train.name])
     method.begin_task(ctx)
     stats = train_task(method, train, cfg, 0)
@@ -197,10 +204,13 @@ def _dar_task(batch_size):
     return stats, method.state_dict(), recall, (emb.images, emb.texts)
 
 
-def test_dar_task_on_two_ranks_equals_one_rank_with_double_batch(tmp_path):
-    ((ref_stats, ref_state, ref_recall, ref_emb),) = run_ranks(_dar_task, tmp_path, 8, world=1)
-    ranks = run_ranks(_dar_task, tmp_path, 4)
-    assert ref_stats["steps"] == 4  # 16 items, 2 epochs of 2 steps at global batch 8
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_dar_task_on_two_ranks_equals_one_rank_with_double_batch(grad_accum, tmp_path):
+    b = 4 // grad_accum  # per rank and micro-step; a step sees 8 items either way
+    ref = run_ranks(_dar_task, tmp_path, 2 * b, grad_accum, world=1)
+    ((ref_stats, ref_state, ref_recall, ref_emb),) = ref
+    ranks = run_ranks(_dar_task, tmp_path, b, grad_accum)
+    assert ref_stats["steps"] == 4  # 16 items, 2 epochs of 2 steps of 8 items
     for stats, state, recall, emb in ranks:
         assert stats["steps"] == ref_stats["steps"]
         # The logged loss is the mean over ranks of local losses = the global batch's loss.
