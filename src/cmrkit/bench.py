@@ -576,6 +576,7 @@ def _environment(device: str) -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        "processes": distributed.world_size(),  # torchrun ranks; --batch-size is per process
         "device": device,
         "cmrkit": cmrkit.__version__,
     }
