@@ -10,10 +10,10 @@ const state = {
 };
 
 // --- colours: one stable hue per adapter name -------------------------------------------------
-function hue(name) {
-  let h = 0;
-  for (const c of name) h = (h * 31 + c.charCodeAt(0)) >>> 0;
-  return h % 360;
+function hue(name) {  // FNV-1a, spread by the golden angle: "t0" and "t1" look different
+  let h = 2166136261;
+  for (const c of name) h = Math.imul(h ^ c.charCodeAt(0), 16777619) >>> 0;
+  return Math.round(((h % 1000) * 137.508) % 360);
 }
 function badge(a) {
   const el = document.createElement("span");
@@ -71,7 +71,7 @@ async function search(like) {
     renderRoute(r);
     addCards(r.items);
     const removed = r.filtered_out ? ` · ${r.filtered_out} removed by the filter` : "";
-    status(`${r.total} results from index ${r.version}${removed} · ${r.timings_ms.route + r.timings_ms.encode + r.timings_ms.search | 0} ms`);
+    status(`${r.total} results from index ${r.version}${removed} · ${(r.timings_ms.route + r.timings_ms.encode + r.timings_ms.search).toFixed(1)} ms`);
   } catch (e) {
     status(e.message, true);
   }
