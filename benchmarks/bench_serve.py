@@ -374,29 +374,41 @@ def kill_during_update(args) -> dict:
 
 
 def transcript(args) -> None:
-    """A few searches on the joint gallery, as `curl` would show them (server in-process)."""
+    """A few searches on the joint gallery (server in-process), before and after adding the
+    last domain's bank."""
     from fastapi.testclient import TestClient
 
     from cmrkit.serve.app import create_app
     from cmrkit.serve.engine import Engine
 
     demo = Path(args.demo)
-    engine = Engine(demo / "load" / "index", demo / "load" / "index.serve")
+    work = demo / "transcript"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(demo / "index", work / "index")
+    engine = Engine(work / "index", work / "state")
     client = TestClient(create_app(engine))
-    for q in args.text:
-        body = client.get("/api/search", params={"q": q, "k": 5, "page_size": 5}).json()
-        route = " + ".join(
-            f"{t['modality']} {t['term']!r} -> "
-            + (", ".join(f"{a['name']}({a['weight']:.2f})" for a in t["adapters"]) or "backbone")
-            for t in body["route"]
-        )
-        print(f"\n$ GET /api/search?q={q}&k=5   [{body['version']}]  route: {route}")
-        for rank, item in enumerate(body["items"], 1):
-            routed = ", ".join(f"{a['name']}({a['weight']:.2f})" for a in item["adapters"])
-            print(
-                f"  {rank}. {item['score']:.3f}  {item['id']:<18} [{routed or 'backbone'}]  "
-                f"{item['caption'][:70]}"
+    for stage in ("before", "after"):
+        if stage == "after":
+            job = engine.start_domain(demo / "bank4")
+            while job.state == "running":
+                time.sleep(0.2)
+            print(f"\n# add domain {demo / 'bank4'}: {job.state} {job.result or job.message}")
+        for q in args.text:
+            body = client.get("/api/search", params={"q": q, "k": 5, "page_size": 5}).json()
+            route = " + ".join(
+                f"{t['modality']} {t['term']!r} -> " + _adapters(t["adapters"])
+                for t in body["route"]
             )
+            print(f"\n$ GET /api/search?q={q}&k=5   [{body['version']}]  route: {route}")
+            for rank, item in enumerate(body["items"], 1):
+                print(
+                    f"  {rank}. {item['score']:.3f}  {item['id']:<16} "
+                    f"[{_adapters(item['adapters'])}]  {item['caption'][:60]}"
+                )
+
+
+def _adapters(adapters: list[dict]) -> str:
+    return ", ".join(f"{a['name']}({a['weight']:.2f})" for a in adapters) or "backbone"
 
 
 def shots(args) -> None:
