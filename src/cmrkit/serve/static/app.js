@@ -9,16 +9,21 @@ const state = {
   pageSize: pageParam > 0 && pageParam <= 100 ? pageParam : 24,
 };
 
-// --- colours: one stable hue per adapter name -------------------------------------------------
-function hue(name) {  // FNV-1a, spread by the golden angle: "t0" and "t1" look different
-  let h = 2166136261;
+// --- colours: adapters in bank order take a palette colour (new adapters append) -------------
+const PALETTE = ["#5b3fd1", "#c2410c", "#0f766e", "#be123c", "#1d4ed8", "#a16207", "#7e22ce",
+  "#15803d", "#0e7490", "#9d174d"];
+let adapterOrder = [];
+function colour(name) {
+  const i = adapterOrder.indexOf(name);
+  if (i >= 0) return PALETTE[i % PALETTE.length];
+  let h = 2166136261;  // unknown name: FNV-1a hue
   for (const c of name) h = Math.imul(h ^ c.charCodeAt(0), 16777619) >>> 0;
-  return Math.round(((h % 1000) * 137.508) % 360);
+  return `hsl(${Math.round(((h % 1000) * 137.508) % 360)} 62% 42%)`;
 }
 function badge(a) {
   const el = document.createElement("span");
   el.className = "badge";
-  el.style.background = `hsl(${hue(a.name)} 62% 42%)`;
+  el.style.background = colour(a.name);
   el.textContent = a.weight < 0.995 ? `${a.name} ${a.weight.toFixed(2)}` : a.name;
   el.title = `routed to ${a.name} (weight ${a.weight.toFixed(3)})`;
   return el;
@@ -159,13 +164,14 @@ function closeItem() { $("viewer").hidden = true; }
 function setImage(file) {
   state.image = file || null;
   $("drop").classList.toggle("has", !!file);
-  $("drop-label").textContent = file ? `✓ ${file.name}` : "＋ image";
+  $("drop-label").textContent = file ? `✓ ${file.name}` : "+ image";
   if (file) search();
 }
 
 // --- admin ------------------------------------------------------------------------------------
 async function loadInfo() {
   const info = await call("/api/info");
+  adapterOrder = info.adapters;
   const dl = $("info");
   dl.replaceChildren();
   const rows = [["version", info.version], ["items", info.items], ["adapters", info.adapters.join(", ") || "—"],
@@ -186,7 +192,7 @@ async function loadInfo() {
     const track = document.createElement("div"); track.className = "track";
     const fill = document.createElement("div"); fill.className = "fill";
     fill.style.width = `${info.items ? (100 * count) / info.items : 0}%`;
-    fill.style.background = name === "backbone" ? "#98a2b3" : `hsl(${hue(name)} 62% 42%)`;
+    fill.style.background = name === "backbone" ? "#98a2b3" : colour(name);
     track.append(fill);
     const n = document.createElement("span"); n.className = "count"; n.textContent = count;
     line.append(label, track, n);
