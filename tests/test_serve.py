@@ -445,12 +445,16 @@ def test_search_during_an_update_answers_from_exactly_one_version(served, world)
     )
     during = [client.get("/api/search", params={"q": "item 8", "k": 8}).json() for _ in range(3)]
     assert all(d["version"] == v1 and d["ids"] == old for d in during)
+    assert {a["name"] for i in during[0]["items"] for a in i["adapters"]} == {"t0"}
     assert client.get(f"/api/admin/jobs/{job['id']}", headers=_auth()).json()["state"] == "running"
     release.set()
     assert _wait_job(client, job["id"])["state"] == "done"
     after = client.get("/api/search", params={"q": "item 8", "k": 8}).json()
     new, new_scores, index = _offline(served["dir"], world["b2"], [(1, "text", "item 8")], 8)
     assert after["version"] == index.version != v1 and after["ids"] == new
+    assert [i["adapters"] for i in after["items"]] == [
+        [{"name": n, "weight": pytest.approx(w)} for n, w in index.adapter_names_of(i)] for i in new
+    ]
     assert not np.allclose(after["scores"], during[0]["scores"])  # the versions really differ
 
 

@@ -246,16 +246,13 @@ def create_app(
         for stage in STAGES:
             if stage in timings and (stage != "decode" or decode_s):
                 metrics.stage.labels(stage).observe(timings[stage])
-        snap_items = {}
-        _, page = engine.items(result.ids[:page_size])
-        for item, score in zip(page, result.scores):
-            snap_items[item["id"]] = {**_links(item), "score": score}
+        page = [engine.item(result.snapshot, i) for i in result.ids[:page_size]]
         return {
             "version": result.version,
             "total": len(result.ids),
             "ids": result.ids,
             "scores": result.scores,
-            "items": list(snap_items.values()),
+            "items": [{**_links(i), "score": s} for i, s in zip(page, result.scores)],
             "route": result.route,
             "filter": result.filter_mode,
             "filtered_out": result.filtered_out,

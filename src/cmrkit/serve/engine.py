@@ -126,6 +126,7 @@ class SearchResult:
     filtered_out: int
     filter_mode: str  # none | pre | post
     timings: dict[str, float]
+    snapshot: Snapshot  # the version answered from: a page's metadata comes from it too
 
 
 class Engine:
@@ -191,7 +192,7 @@ class Engine:
         exclude = {t.item for t in terms if t.item}
         ids, scores, removed, mode = self._ranked(snap, vector / norm, k, domain, adapter, exclude)
         timings["search"] = time.perf_counter() - t0
-        return SearchResult(snap.version, ids, scores, route, removed, mode, timings)
+        return SearchResult(snap.version, ids, scores, route, removed, mode, timings, snap)
 
     def _embed(self, snap: Snapshot, term: Term, timings: dict) -> tuple[np.ndarray, list[dict]]:
         """The term's routed embedding (unit norm) and the adapters its route chose."""
