@@ -585,9 +585,14 @@ def test_health_metrics_openapi_and_page(served):
     assert client.get("/static/app.js").status_code == 200
 
 
-def test_cli_refuses_a_missing_index_with_exit_2(tmp_path, capsys):
+def test_cli_refuses_a_missing_index_or_a_bank_it_was_not_built_with(
+    served, world, tmp_path, capsys
+):
     from cmrkit.cli import main
 
     assert main(["serve", "--index", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cmrkit serve: error:") and "no gallery index" in err
+    assert main(["serve", "--index", str(served["dir"]), "--adapters", str(world["b2"])]) == 2
+    err = capsys.readouterr().err
+    assert "not the adapter bank" in err and "index update" in err and len(err.splitlines()) == 1

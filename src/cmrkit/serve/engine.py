@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cmrkit.index import GalleryIndex
+from cmrkit.index import GalleryIndex, bank_fingerprint
 from cmrkit.index.cli import load_routed_encoder
 from cmrkit.serve.limits import Limits, Refused
 from cmrkit.utils import atomic_write
@@ -153,7 +153,16 @@ class Engine:
             raise ValueError(
                 f"{self.index_dir}: the index does not name its adapter bank: pass --adapters"
             )
-        self.snapshot = Snapshot(index, self._encoder(bank, index), bank)
+        encoder = self._encoder(bank, index)
+        fp = bank_fingerprint(encoder)  # stored embeddings and live queries must share a bank
+        if len(index) and any(
+            fp[k] != index.fingerprint.get(k) for k in ("hash", "merge", "router")
+        ):
+            raise ValueError(
+                f"{bank}: not the adapter bank {self.index_dir} was built with "
+                "(run cmrkit index update with it first)"
+            )
+        self.snapshot = Snapshot(index, encoder, bank)
 
     def _encoder(self, bank: str, index: GalleryIndex) -> Any:
         return self._load_encoder(bank, index.meta.get("backbone"), self.device)
