@@ -8,8 +8,10 @@ from . import (  # noqa: F401
     finetune,
     l2p,
     lora_ft,
+    mma,
     moder,
     modx,
+    rmadapter,
     task_arithmetic,
     zeroshot,
 )
