@@ -32,7 +32,10 @@ from .data.classification import (
     base_novel_split,
     few_shot,
     load_cls_suite,
+    rendering_values,
+    split_renderings,
     stored,
+    with_renderings,
 )
 from .data.dataset import ImageCaptionDataset
 from .eval.bootstrap import BootstrapConfig, interval, replicate_means, stream_seed
@@ -43,7 +46,8 @@ from .methods import TaskContext, build_method
 from .train.loop import train_task
 from .utils import check_finite, check_writable_dir, derived_seed, seed_everything, write_json
 
-PROTOCOLS = ("class-il", "mtil", "base-to-novel")
+PROTOCOLS = ("class-il", "mtil", "base-to-novel", "cross-dataset", "domain-generalisation")
+FEW_SHOT = ("base-to-novel", "cross-dataset", "domain-generalisation")
 
 
 @dataclass
@@ -59,7 +63,8 @@ class ClassifyConfig:
     method_options: dict[str, dict] = field(default_factory=dict)
     max_train_items: int | None = None  # per task, a seeded subset (quick runs)
     shots: int = 16  # base-to-novel: training items per base class
-    split_seed: int = 0  # base-to-novel: the base / novel halves
+    split_seed: int = 0  # base-to-novel: the base / novel halves; domain-gen.: the renderings
+    source: str | None = None  # cross-dataset: the training dataset (default: the suite's first)
     eval_batch_size: int = 512
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -95,7 +100,7 @@ class Classify:
             "environment": _environment(self.cfg.device),
             "methods": {},
         }
-        if self.protocol == "base-to-novel":
+        if self.protocol in FEW_SHOT:
             results["datasets"] = list(self.suite.datasets)
         else:
             tasks = self.suite.stream(self.cfg.order, self.out / "splits")
@@ -105,6 +110,10 @@ class Classify:
             method_started = time.time()
             if self.protocol == "base-to-novel":
                 record = self._base_to_novel(name)
+            elif self.protocol == "cross-dataset":
+                record = self._cross_dataset(name)
+            elif self.protocol == "domain-generalisation":
+                record = self._domain_generalisation(name)
             else:
                 record = self._stream(name, tasks)
             record["wall_s"] = time.time() - method_started
@@ -207,6 +216,75 @@ class Classify:
         mean["hm"] = harmonic_mean(mean["base"], mean["novel"])
         return {"per_dataset": per_dataset, "average": mean, "config": self._record_config(name)}
 
+    # --- cross-dataset and domain generalisation (RMAdapter, CoCoOp) -----------------------------
+    def _few_shot_all(self, train: LabelledSet) -> LabelledSet:
+        """k seeded shots of every class of ``train``."""
+        return few_shot(train, list(range(len(train.classes))), self.cfg.shots, self.cfg.split_seed)
+
+    def _accuracy(self, method, test: LabelledSet, key: str) -> dict:
+        hits = self._hits(method, test)
+        return {"top1": 100 * hits.double().mean().item(), "ci": self._interval(hits, key)}
+
+    def _cross_dataset(self, name: str) -> dict:
+        """Train on the source dataset (all classes, k shots), test on every dataset zero-shot,
+        each in its own label space."""
+        source = self.cfg.source or next(iter(self.suite.datasets))
+        if source not in self.suite.datasets:
+            raise ValueError(f"--source {source!r} is not a dataset of {self.suite.name}")
+        method, train_cfg = self._build(name)
+        train = self._few_shot_all(self.suite.datasets[source][0])
+        tic = time.time()
+        self._train(method, 0, source, train, list(range(len(train.classes))), train_cfg, None)
+        train_s = time.time() - tic
+        acc = {
+            d: self._accuracy(method, test, f"{d}/cross")
+            for d, (_, test) in self.suite.datasets.items()
+        }
+        targets = [acc[d]["top1"] for d in acc if d != source]
+        return {
+            "source": source,
+            "per_dataset": acc,
+            "target_average": float(np.mean(targets)) if targets else None,
+            "train_items": len(train.data),
+            "train_s": train_s,
+            "config": self._record_config(name),
+        }
+
+    def _domain_generalisation(self, name: str) -> dict:
+        """Per dataset with renderings (icon themes, glyph fonts): its renderings halved (seeded,
+        stored); train on the source half (all classes, k shots), test on the source half's and
+        the target half's test items. Datasets without renderings are skipped."""
+        per_dataset = {}
+        for d, (train, test) in self.suite.datasets.items():
+            values = {
+                s: rendering_values(self.suite, d, s, ds)
+                for s, ds in (("train", train), ("test", test))
+            }
+            if values["train"] is None or values["test"] is None:
+                continue
+            halves = split_renderings(values["train"] + values["test"], self.cfg.split_seed)
+            key = f"{d}.renderings-{self.cfg.split_seed}"
+            src, tgt = stored(self.suite.suite, key, list(halves), self.out / "splits")
+            method, train_cfg = self._build(name)
+            shots = self._few_shot_all(with_renderings(train, values["train"], src))
+            tic = time.time()
+            self._train(method, 0, d, shots, list(range(len(train.classes))), train_cfg, None)
+            per_dataset[d] = {
+                "source": self._accuracy(
+                    method, with_renderings(test, values["test"], src), f"{d}/src"
+                ),
+                "target": self._accuracy(
+                    method, with_renderings(test, values["test"], tgt), f"{d}/tgt"
+                ),
+                "source_renderings": len(src),
+                "target_renderings": len(tgt),
+                "train_items": len(shots.data),
+                "train_s": time.time() - tic,
+            }
+        if not per_dataset:
+            raise ValueError(f"suite {self.suite.name}: no dataset has renderings (theme / font)")
+        return {"per_dataset": per_dataset, "config": self._record_config(name)}
+
     # --- shared --------------------------------------------------------------------------------
     def _build(self, name: str):
         train_cfg, options = self.settings[name]
@@ -280,7 +358,8 @@ def register(sub) -> None:
     p.add_argument("--data-root", help="data root (default: $CMRKIT_DATA, else ../shared/data)")
     p.add_argument("--backbone", default="cmrkit-mini-cls", help="as for cmrkit bench")
     p.add_argument("--shots", type=int, default=16, help="base-to-novel: items per base class")
-    p.add_argument("--split-seed", type=int, default=0, help="base-to-novel: seed of the halves")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the class / rendering halves")
+    p.add_argument("--source", help="cross-dataset: the training dataset (default: the first)")
     p.add_argument("--epochs", type=float, help="epochs per task, for every method")
     p.add_argument("--batch-size", type=int, help="training batch size, for every method")
     p.add_argument("--lr", type=float, help="learning rate, for every method")
@@ -319,6 +398,7 @@ def _run(args) -> int:
         max_train_items=args.max_train_items,
         shots=args.shots,
         split_seed=args.split_seed,
+        source=args.source,
         eval_batch_size=args.eval_batch_size,
     )
     if args.device:
@@ -332,7 +412,14 @@ def _run(args) -> int:
                 for k, v in record["metrics"].items()
                 if v["value"] is not None
             )
-        else:
+        elif "average" in record:
             shown = "  ".join(f"{k} {v:.1f}" for k, v in record["average"].items())
+        elif "target_average" in record:
+            shown = f"target average {record['target_average'] or 0:.1f}"
+        else:
+            shown = "  ".join(
+                f"{d} {v['source']['top1']:.1f}->{v['target']['top1']:.1f}"
+                for d, v in record["per_dataset"].items()
+            )
         print(f"{name:>16}: {shown}")
     return 0

@@ -250,3 +250,37 @@ def _classes(spec, ds: ImageCaptionDataset, root: Path | None, path: Path) -> li
         return [str(c) for c in json.loads(file.read_text())[spec["key"]]]
     except (OSError, KeyError, ValueError) as e:
         raise DataError(f"{path}: classes {spec}: {e}") from None
+
+
+# --- domain generalisation: renderings (icon themes, glyph fonts) as domains --------------------
+def rendering_values(suite: ClsSuite, name: str, split: str, ds: LabelledSet) -> list | None:
+    """The theme / font of each item of dataset ``name``'s ``split`` (None: no such field)."""
+    table = pretrain_renderings()
+    if name not in table:
+        return None
+    task = suite.suite.task(name)
+    spec = (task.train if split == "train" else task.test).spec
+    if "imagefolder" not in spec:
+        return None
+    folder = Path(spec["imagefolder"])
+    folder = folder if folder.is_absolute() else suite.suite.data_root / folder
+    values = metadata_field(folder, table[name]["field"])
+    return [values[r] for r in ds.data.rows]
+
+
+def split_renderings(values: list, seed: int) -> tuple[list, list]:
+    """Source and target renderings: the sorted distinct values shuffled with ``seed``, the first
+    half (rounded up) the source."""
+    names = sorted({v for v in values if v is not None}, key=str)
+    random.Random(seed).shuffle(names)
+    half = (len(names) + 1) // 2
+    return sorted(names[:half], key=str), sorted(names[half:], key=str)
+
+
+def with_renderings(ds: LabelledSet, values: list, names: list) -> LabelledSet:
+    """The items of ``ds`` whose rendering is in ``names`` (classes unchanged)."""
+    wanted = set(names)
+    items = [i for i, v in enumerate(values) if v in wanted]
+    if not items:
+        raise DataError(f"{ds.data.name}: no item rendered in {sorted(wanted, key=str)[:3]}…")
+    return LabelledSet(ds.data.subset(items), ds.classes, ds.prompt_names, ds.templates)

@@ -28,6 +28,10 @@ def write_cls_report(results: dict, out: Path) -> list[Path]:
     written = []
     if results["protocol"] == "base-to-novel":
         lines += _base_novel(results)
+    elif results["protocol"] == "cross-dataset":
+        lines += _cross_dataset(results)
+    elif results["protocol"] == "domain-generalisation":
+        lines += _domain_generalisation(results)
     else:
         lines += _stream(results)
         written.append(_plot_rows(results, out / "accuracy_over_tasks.png"))
@@ -89,6 +93,52 @@ def _base_novel(results: dict) -> list[str]:
                 )
             )
         lines += [f"### {d}", ""] + _table(["Base", "Novel", "HM"], rows, ["max"] * 3)
+    return lines
+
+
+def _cross_dataset(results: dict) -> list[str]:
+    """One row per method: the source dataset, each target and the targets' average (CoCoOp's
+    and RMAdapter's cross-dataset table)."""
+    methods, datasets = results["methods"], results["datasets"]
+    source = next(iter(methods.values()))["source"]
+    targets = [d for d in datasets if d != source]
+    rows = [
+        (
+            name,
+            [
+                Num(r["per_dataset"][d]["top1"], r["per_dataset"][d]["ci"])
+                for d in [source, *targets]
+            ]
+            + [Num(r["target_average"])],
+        )
+        for name, r in methods.items()
+    ]
+    lines = [f"## Cross-dataset ({results['config']['shots']} shots per class of {source})", ""]
+    header = [f"{source} (source)", *targets, "Target avg"]
+    return lines + _table(header, rows, ["max"] * len(header))
+
+
+def _domain_generalisation(results: dict) -> list[str]:
+    """Per dataset: top-1 on the source renderings and on the unseen target renderings."""
+    methods = results["methods"]
+    lines = [f"## Domain generalisation ({results['config']['shots']} shots per class)", ""]
+    datasets = list(next(iter(methods.values()))["per_dataset"])
+    for d in datasets:
+        first = next(iter(methods.values()))["per_dataset"][d]
+        rows = [
+            (
+                name,
+                [Num(v[k]["top1"], v[k]["ci"]) for k in ("source", "target")],
+            )
+            for name, r in methods.items()
+            for v in [r["per_dataset"][d]]
+        ]
+        lines += [
+            f"### {d} ({first['source_renderings']} source, "
+            f"{first['target_renderings']} target renderings)",
+            "",
+        ]
+        lines += _table(["Source", "Target"], rows, ["max"] * 2)
     return lines
 
 
