@@ -215,7 +215,7 @@ def test_crash_mid_update_keeps_previous_index(world, tmp_path, monkeypatch, ste
 
     index.save(folder)  # the next save succeeds and clears the debris of the crashed one
     assert GalleryIndex.load(folder, use_gpu=False).fingerprint["num_adapters"] == 3
-    assert sorted(p.name[:1] for p in folder.iterdir()) == ["C", "v"]
+    assert sorted(p.name[:1] for p in folder.iterdir()) == ["C", "c", "v"]
 
 
 def ids_cpu(index: GalleryIndex, q: np.ndarray, k: int) -> list[list[str]]:
@@ -339,3 +339,161 @@ def test_merge_rule_change_reembeds_merged_items_only(gallery, tmp_path):
     fresh = GalleryIndex(encoder.embed_dim, use_gpu=False)
     fresh.add_dataset(other, gallery)
     np.testing.assert_allclose(index.embeddings, fresh.embeddings, atol=1e-5)
+
+
+# --- integrity: checksums, verify, non-finite vectors, folder ownership -------------------------
+def _flip_bit_in_embeddings(folder) -> None:
+    """Flip one exponent bit of one stored embedding value (what a bad disk or copy does)."""
+    from safetensors import safe_open
+
+    version = folder / (folder / "CURRENT").read_text().strip()
+    path = version / "arrays.safetensors"
+    with safe_open(str(path), "np") as f:
+        emb = f.get_tensor("embeddings")
+    raw = bytearray(path.read_bytes())
+    needle = emb[3].tobytes()
+    at = raw.find(needle) + 4 * 5 + 3  # item 3, value 5, its highest byte
+    raw[at] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_arrays_or_json_are_refused_on_load(world, tmp_path, capsys):
+    from cmrkit.cli import main
+
+    folder = tmp_path / "idx"
+    _build(world, 2).save(folder)
+    _flip_bit_in_embeddings(folder)
+    with pytest.raises(ValueError, match="checksum mismatch in 'embeddings'"):
+        GalleryIndex.load(folder, use_gpu=False)
+    assert main(["index", "info", "--index", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cmrkit index: error:") and "corrupt" in err and "\n" not in err
+
+    other = tmp_path / "idx2"
+    _build(world, 2).save(other)
+    meta_path = next(other.glob("v*/index.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["paths"][0] = "/etc/passwd"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="index.json: checksum mismatch"):
+        GalleryIndex.load(other, use_gpu=False)
+
+
+def test_verify_finds_what_checksums_cannot(world, tmp_path, capsys):
+    from cmrkit.cli import main
+
+    index = _build(world, 2)
+    assert index.verify() == []
+    index.save(tmp_path / "idx")
+    assert main(["index", "info", "--index", str(tmp_path / "idx"), "--verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] is True
+
+    index.embeddings[4] *= 2.0  # arrays and FAISS disagree, and the row is not unit-norm
+    index.route_indices[7, 0] = 9  # a route to an adapter the bank does not have
+    problems = " | ".join(index.verify())
+    assert f"not unit-norm for ['{index.ids[4]}']" in problems
+    assert f"FAISS vectors differ for ['{index.ids[4]}']" in problems
+    assert f"outside the 2 adapters for ['{index.ids[7]}']" in problems
+
+
+def test_non_finite_vectors_are_refused_when_added(world):
+    index = _build(world, 2)
+    good = np.ones((2, index.dim), dtype="f4")
+    bad = good.copy()
+    bad[1, 3] = np.nan
+    for emb, feat, w in ((bad, good, [[1.0], [1.0]]), (good, bad, [[1.0], [1.0]])):
+        with pytest.raises(ValueError, match=r"not finite for 1 item\(s\): \['new1'\]"):
+            index.add(["new0", "new1"], emb, feat, [[0], [1]], w)
+    with pytest.raises(ValueError, match="route weights not finite"):
+        index.add(["new0", "new1"], good, good, [[0], [1]], [[1.0], [float("inf")]])
+    assert "new0" not in index and len(index) == N_ITEMS  # nothing half-added
+    with pytest.raises(ValueError, match="queries not finite"):
+        index.search(bad, k=3)
+
+
+def test_index_saves_only_into_its_own_folder(world, tmp_path, gallery, capsys):
+    from cmrkit.cli import main
+
+    user = tmp_path / "mine"
+    (user / "v000123-abcdef").mkdir(parents=True)  # the user's folders, named like ours
+    (user / ".tmp-photos").mkdir()
+    (user / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not empty and not a gallery index"):
+        _build(world, 2).save(user)
+    assert sorted(p.name for p in user.iterdir()) == [".tmp-photos", "notes.txt", "v000123-abcdef"]
+
+    folder = tmp_path / "idx"
+    _build(world, 2).save(folder)
+    (folder / "v000042-abcdef").mkdir()  # not a version of ours: survives the next save
+    _build(world, 2).save(folder)
+    assert (folder / "v000042-abcdef").is_dir() and len(list(folder.glob("v*"))) == 2
+
+    bank = _dar_bank(tmp_path / "b1", gallery, 1)
+    build = ["index", "build", "--adapters", str(bank), "--imagefolder"]
+    build += [str(gallery.images[0].parent), "--out"]
+    assert main([*build, str(user)]) == 2
+    assert "not empty and not a gallery index" in capsys.readouterr().err
+    assert main([*build, str(folder)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main([*build, str(folder), "--overwrite"]) == 0
+    assert GalleryIndex.load(folder, use_gpu=False).fingerprint["num_adapters"] == 1
+
+
+# --- a bank other than the index's -------------------------------------------------------------
+def test_search_with_another_bank_is_refused_or_updates_first(gallery, tmp_path, capsys):
+    from cmrkit.cli import main
+
+    one, two = _dar_bank(tmp_path / "b1", gallery, 1), _dar_bank(tmp_path / "b2", gallery, 2)
+    out = str(tmp_path / "index")
+    folder = str(gallery.images[0].parent)
+    build = ["index", "build", "--adapters", str(one), "--imagefolder", folder, "--out", out]
+    assert main(build) == 0
+    capsys.readouterr()
+    search = ["index", "search", "--index", out, "--text", "item 3", "--adapters", str(two)]
+    assert main(search) == 2
+    err = capsys.readouterr().err
+    assert "differs from the bank the index was built with" in err and "--update" in err
+    assert GalleryIndex.load(out).fingerprint["num_adapters"] == 1  # untouched
+
+    assert main([*search, "--update"]) == 0
+    assert "updated the index first" in capsys.readouterr().out
+    updated = GalleryIndex.load(out, use_gpu=False)
+    assert updated.fingerprint["num_adapters"] == 2
+    assert updated.meta["adapters"] == str((tmp_path / "b2").resolve())
+
+
+# --- the backbone a bank records is not loaded on the file's word alone ------------------------
+def test_recorded_backbone_needs_the_users_consent(gallery, tmp_path, monkeypatch, capsys):
+    import cmrkit.backbones as backbones
+    from cmrkit.cli import main
+    from cmrkit.index.cli import load_routed_encoder
+
+    bank = _dar_bank(tmp_path / "b", gallery, 1)
+    meta = json.loads((bank / "bank.json").read_text())
+    meta["backbone"]["name"] = "hf:/tmp/somebody-elses-model"
+    (bank / "bank.json").write_text(json.dumps(meta))
+    loaded = []
+    real = backbones.load_backbone
+
+    def spy(spec, *a, **kw):  # the same weights under the recorded name
+        loaded.append(spec)
+        model = real("tiny-clip")
+        model.name = spec
+        return model
+
+    monkeypatch.setattr(backbones, "load_backbone", spy)
+    with pytest.raises(ValueError, match="not built in; pass --backbone hf:/tmp/somebody"):
+        load_routed_encoder(bank, None, None)
+    folder = str(gallery.images[0].parent)
+    build = ["index", "build", "--adapters", str(bank), "--imagefolder", folder]
+    assert main([*build, "--out", str(tmp_path / "i1")]) == 2
+    assert "--allow-backbone" in capsys.readouterr().err and loaded == []  # nothing loaded
+
+    allowed = load_routed_encoder(bank, None, None, ["hf:/tmp/somebody-elses-model"])
+    assert loaded == ["hf:/tmp/somebody-elses-model"] and allowed.adapter_names == ["t0"]
+    passed = ["--backbone", "hf:/tmp/somebody-elses-model"]  # the user's own choice
+    assert main([*build, "--out", str(tmp_path / "i2"), *passed]) == 0
+    assert loaded[-1] == "hf:/tmp/somebody-elses-model"
+    # what the user passed is checked against what the bank recorded (name and weights)
+    assert main([*build, "--out", str(tmp_path / "i3"), "--backbone", "tiny-clip"]) == 2
+    assert "saved for backbone" in capsys.readouterr().err

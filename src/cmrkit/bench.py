@@ -52,6 +52,7 @@ from .eval.seeds import aggregate_seeds
 from .eval.zeroshot import DEFAULT_TEMPLATES, accuracy_from_ranks, classification_ranks
 from .methods import METHODS, TaskContext, _load_all, build_method  # noqa: F401  (registry)
 from .methods.base import check_options
+from .routing import RoutedEncoder
 from .train import distributed
 from .train.loop import TrainConfig, check_train_setting, train_task
 from .utils import (
@@ -183,9 +184,17 @@ class Bench:
         record["clip_benchmark"] = clip_benchmark_keys(record["recall"], tasks)
         timings = record["timings"]
         timings["total_s"] = sum(timings["train_s"]) + sum(timings["eval_s"])
+        self._save_bank(name, method)  # before "complete": a resume skips complete methods
         record["complete"] = True
         self.results["methods"][name] = record
         self._save()
+
+    def _save_bank(self, name: str, method) -> None:
+        """A routed method's final adapter bank (DAR's) as ``OUT/banks/<name>/``: what
+        ``cmrkit adapters`` and ``cmrkit index build --adapters`` read."""
+        encoder = method.encoder()
+        if isinstance(encoder, RoutedEncoder) and distributed.is_main():
+            encoder.save(self.out / "banks" / name)
 
     def _build(self, name: str):
         """Method ``name`` on a fresh backbone; what it draws at construction (e.g. LoRA-FT's

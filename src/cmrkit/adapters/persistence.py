@@ -152,6 +152,45 @@ def read_bank_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+def resolve_bank_dir(path: str | Path) -> Path:
+    """A bank folder, or the one bank of a bench run folder (``RUN/banks/<method>/``)."""
+    path = Path(path)
+    if (path / BANK_FILE).is_file():
+        return path
+    banks = sorted(b for b in (path / "banks").glob(f"*/{BANK_FILE}"))
+    if len(banks) == 1:
+        return banks[0].parent
+    if banks:
+        names = ", ".join(str(b.parent) for b in banks)
+        raise ValueError(f"{path}: a run with several adapter banks; choose one of {names}")
+    raise FileNotFoundError(
+        f"{path}: no adapter bank here (expected {BANK_FILE}, or a bench run folder with "
+        "banks/<method>/)"
+    )
+
+
+def trusted_backbone(
+    meta: Mapping[str, Any], folder: str | Path, passed: str | None, allowed: Sequence[str] = ()
+) -> str:
+    """The backbone spec to load for a bank: the caller's (``passed``), else the one
+    ``bank.json`` records if it is built in (no files or hub involved) or in ``allowed``. A
+    crafted file must not pick a model folder or hub id to load on its own."""
+    from cmrkit.backbones import NAMED
+
+    if passed:
+        return passed  # the caller's choice; load_bank then checks its fingerprint
+    path = Path(folder) / BANK_FILE
+    recorded = (meta.get("backbone") or {}).get("name")
+    if not isinstance(recorded, str) or not recorded:
+        raise ValueError(f"{path}: records no backbone name; pass --backbone")
+    if recorded in NAMED or recorded in allowed:
+        return recorded
+    raise ValueError(
+        f"{path}: records backbone {recorded!r}, which is not built in; pass --backbone "
+        f"{recorded} (or --allow-backbone {recorded}) to load it"
+    )
+
+
 def load_bank(
     folder: str | Path, model: nn.Module
 ) -> tuple[LoRABank, dict[str, Tensor], dict[str, Any]]:

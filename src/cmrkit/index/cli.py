@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cmrkit.index.gallery import GalleryIndex
+from cmrkit.index.gallery import GalleryIndex, is_index
+
+ADAPTERS_HELP = (
+    "adapter bank folder (bank.json + adapters.safetensors), or a bench run folder whose "
+    "banks/<method>/ holds one (DAR writes RUN/banks/dar)"
+)
 
 
 def register(sub) -> None:
@@ -22,20 +28,23 @@ def register(sub) -> None:
     )
 
     b = isub.add_parser("build", help="embed a gallery with a DAR adapter bank")
-    b.add_argument("--adapters", required=True, help="adapter bank folder (DAR checkpoint)")
+    b.add_argument("--adapters", required=True, help=ADAPTERS_HELP)
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--imagefolder", help="a Hugging Face imagefolder split")
     src.add_argument("--suite", help="a suite name or YAML: its tasks' split, jointly")
     b.add_argument("--tasks", default="", help="with --suite: comma-separated tasks (default all)")
     b.add_argument("--split", default="test", help="with --suite: the split to index")
     b.add_argument("--data-root", help="data root for --suite (default: $CMRKIT_DATA)")
-    b.add_argument("--out", required=True, help="index folder")
-    _common(b, backbone=True)
+    b.add_argument("--out", required=True, help="index folder (new, empty, or an index)")
+    b.add_argument(
+        "--overwrite", action="store_true", help="replace the index already in --out (new version)"
+    )
+    _common(b)
     b.set_defaults(run=_run_build)
 
     u = isub.add_parser("update", help="bring an index up to a new adapter bank")
     u.add_argument("--index", required=True, help="index folder")
-    u.add_argument("--adapters", required=True, help="the new adapter bank folder")
+    u.add_argument("--adapters", required=True, help="the new " + ADAPTERS_HELP)
     _common(u)
     u.set_defaults(run=_run_update)
 
@@ -45,34 +54,63 @@ def register(sub) -> None:
     s.add_argument("--image", action="append", default=[], help="an image query (repeatable)")
     s.add_argument("-k", type=int, default=10, help="results per query")
     s.add_argument("--adapters", help="adapter bank (default: the one the index was built with)")
+    s.add_argument(
+        "--update",
+        action="store_true",
+        help="if the bank differs from the index's, update the index to it first (and save)",
+    )
     _common(s)
     s.set_defaults(run=_run_search)
 
     i = isub.add_parser("info", help="size, adapter fingerprint and route counts of an index")
     i.add_argument("--index", required=True, help="index folder")
+    i.add_argument(
+        "--verify", action="store_true", help="full check: vectors, routes, FAISS (exit 2 if bad)"
+    )
     i.set_defaults(run=_run_info)
 
 
-def _common(p: argparse.ArgumentParser, backbone: bool = False) -> None:
-    if backbone:
-        p.add_argument("--backbone", help="backbone spec (default: the one the bank names)")
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone",
+        help="backbone spec to load (default: the one the bank records, if built in or allowed)",
+    )
+    p.add_argument(
+        "--allow-backbone",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a recorded backbone spec that may be loaded without --backbone (repeatable)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="items per embedding batch")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cpu (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def load_routed_encoder(bank_dir: str | Path, backbone: str | None, device: str | None) -> Any:
-    """DAR's routed encoder for a saved adapter bank; the backbone spec defaults to the name the
-    bank recorded (cmrkit-mini, tiny-*, a hub id or path), and must match its fingerprint."""
-    from cmrkit.adapters.persistence import read_bank_meta
+def load_routed_encoder(
+    bank_dir: str | Path,
+    backbone: str | None,
+    device: str | None,
+    allow_backbones: Sequence[str] = (),
+) -> Any:
+    """DAR's routed encoder for a saved adapter bank (or a bench run folder holding one).
+
+    ``backbone``: the spec the caller chose. Without it, the spec the bank records is loaded only
+    if it is a built-in model (cmrkit-mini, tiny-*) or listed in ``allow_backbones``: a bank file
+    never chooses by itself a model folder or hub id to load. Either way the loaded model must
+    match the fingerprint the bank recorded.
+    """
+    from cmrkit.adapters.persistence import read_bank_meta, resolve_bank_dir, trusted_backbone
     from cmrkit.backbones import load_backbone
     from cmrkit.routing import RoutedEncoder
 
+    bank_dir = resolve_bank_dir(bank_dir)
     meta = read_bank_meta(bank_dir)
-    spec = backbone or meta["backbone"]["name"]
+    spec = trusted_backbone(meta, bank_dir, backbone, allow_backbones)
     model = load_backbone(spec)
     encoder = RoutedEncoder.load(bank_dir, model)
     encoder.backbone_spec = spec
+    encoder.bank_dir = bank_dir.resolve()
     if device:
         encoder.to(device)
     return encoder.eval()
@@ -83,16 +121,26 @@ def _setup(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _gallery(args):
+def _gallery_source(args) -> dict:
+    """How the gallery was read, stored in the index so that ``update`` can read it again."""
+    if args.imagefolder:
+        return {"imagefolder": str(Path(args.imagefolder).resolve())}
+    root = str(Path(args.data_root).resolve()) if args.data_root else None
+    suite = str(Path(args.suite).resolve()) if Path(args.suite).is_file() else args.suite
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    return {"suite": suite, "split": args.split, "tasks": tasks, "data_root": root}
+
+
+def _gallery(source: dict):
     from cmrkit.data.dataset import ImageCaptionDataset, load_imagefolder
 
-    if args.imagefolder:
-        return load_imagefolder(args.imagefolder)
+    if "imagefolder" in source:
+        return load_imagefolder(source["imagefolder"])
     from cmrkit.data.suites import load_suite
 
-    suite = load_suite(args.suite, args.data_root)
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()] or [t.name for t in suite.tasks]
-    parts = [suite.load(name, args.split) for name in names]
+    suite = load_suite(source["suite"], source.get("data_root"))
+    names = source.get("tasks") or [t.name for t in suite.tasks]
+    parts = [suite.load(name, source["split"]) for name in names]
     # Joint gallery: ids prefixed by task so that items of different tasks never collide.
     return ImageCaptionDataset(
         name=suite.name,
@@ -105,19 +153,23 @@ def _gallery(args):
 
 def _run_build(args) -> int:
     _setup(args)
-    encoder = load_routed_encoder(args.adapters, args.backbone, args.device)
-    ds = _gallery(args)
+    if is_index(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out}: an index is already there; pass --overwrite")
+    encoder = _encoder(args, args.adapters)
+    source = _gallery_source(args)
+    ds = _gallery(source)
     index = GalleryIndex(encoder.embed_dim)
     t0 = time.perf_counter()
     index.add_dataset(encoder, ds, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     index.meta = {
         "backbone": encoder.backbone_spec,
-        "adapters": str(Path(args.adapters).resolve()),
+        "adapters": str(encoder.bank_dir),
         "source": args.imagefolder or f"{args.suite}:{args.split}",
+        "gallery": source,
         "built": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    index.save(args.out)
+    index.save(args.out)  # refuses a non-empty folder that is not an index
     print(
         f"indexed {len(index)} items with {index.fingerprint['num_adapters']} adapters in "
         f"{seconds:.1f} s ({len(index) / max(seconds, 1e-9):.1f} items/s) -> {args.out}"
@@ -128,10 +180,9 @@ def _run_build(args) -> int:
 def _run_update(args) -> int:
     _setup(args)
     index = GalleryIndex.load(args.index)
-    encoder = load_routed_encoder(args.adapters, index.meta.get("backbone"), args.device)
+    encoder = _encoder(args, args.adapters)
     before = index.fingerprint["num_adapters"]
-    stats = index.update(encoder, batch_size=args.batch_size)
-    index.meta["adapters"] = str(Path(args.adapters).resolve())
+    stats = _update(index, encoder, args)
     t0 = time.perf_counter()
     index.save(args.index)
     save_s = time.perf_counter() - t0
@@ -156,7 +207,16 @@ def _run_search(args) -> int:
     bank = args.adapters or index.meta.get("adapters")
     if not bank:
         raise ValueError("the index does not name its adapter bank: pass --adapters")
-    encoder = load_routed_encoder(bank, index.meta.get("backbone"), args.device)
+    encoder = _encoder(args, bank)
+    if args.update:
+        try:
+            index.check_encoder(encoder)
+        except ValueError:
+            stats = _update(index, encoder, args)
+            index.save(args.index)
+            print(f"updated the index first: re-embedded {stats.reembedded} / {stats.total}")
+    source = f"--adapters {bank}" if args.adapters else f"the bank {bank}"
+    index.check_encoder(encoder, f"{source} (or pass --update)")
     names = list(encoder.adapter_names)
     queries: list[tuple[str, torch.Tensor, Any]] = []
     for text in args.text:
@@ -197,6 +257,40 @@ def _route_label(route: Any, names: list[str]) -> str:
 def _run_info(args) -> int:
     import json
 
-    index = GalleryIndex.load(args.index)
-    print(json.dumps(index.info(), indent=2))
+    index = GalleryIndex.load(args.index)  # checks every checksum
+    info = index.info()
+    if args.verify:
+        if problems := index.verify():
+            raise ValueError(f"{args.index}: index damaged: {'; '.join(problems)}")
+        info["verified"] = True
+    print(json.dumps(info, indent=2))
     return 0
+
+
+def _encoder(args, bank: str | Path) -> Any:
+    return load_routed_encoder(bank, args.backbone, args.device, args.allow_backbone)
+
+
+def _update(index: GalleryIndex, encoder: Any, args):
+    """``index.update`` reading images from stored paths or, for items without one (in-memory
+    or Hugging Face images), from the gallery source the index recorded."""
+    load = None
+    if any(p is None for p in index.paths):
+        source = index.meta.get("gallery")
+        if not source:
+            raise ValueError(
+                f"--index {args.index}: items without a source path, and no recorded gallery "
+                "source to read them from (index built before cmrkit recorded it): rebuild it"
+            )
+        ds = _gallery(source)
+        position = {item_id: i for i, item_id in enumerate(ds.ids)}
+
+        def load(row: int):
+            item_id = index.ids[row]
+            if item_id not in position:
+                raise ValueError(f"item {item_id!r} is no longer in the gallery source {source}")
+            return ds.load_image(position[item_id])
+
+    stats = index.update(encoder, load_image=load, batch_size=args.batch_size)
+    index.meta["adapters"] = str(encoder.bank_dir)
+    return stats

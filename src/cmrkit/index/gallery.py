@@ -9,13 +9,19 @@ routed pass. A new item costs one backbone pass (its routing feature) and one ro
 
 On disk an index is a folder holding immutable versions and a ``CURRENT`` pointer::
 
+    INDEX_DIR/cmrkit-index.json        marker: this folder is an index (written first)
     INDEX_DIR/CURRENT                  name of the live version (replaced atomically)
-    INDEX_DIR/v000003-1a2b3c/index.json          ids, paths, captions, fingerprint, meta
+    INDEX_DIR/v000003-1a2b3c/index.json          ids, paths, captions, fingerprint, meta,
+                                                 SHA-256 of every stored array and of the rest
     INDEX_DIR/v000003-1a2b3c/arrays.safetensors  keys, routes, features, embeddings
 
 ``save`` writes a complete new version beside the old one, fsyncs it, then swaps the pointer
 with ``os.replace``; a crash at any step leaves ``CURRENT`` naming the previous, intact version.
-No pickles: JSON and safetensors only.
+An index saves only into an empty folder or one that holds its marker, and afterwards removes
+only the versions and temporary folders it wrote. ``load`` checks every checksum (a flipped bit
+is an error, never a score); :meth:`GalleryIndex.verify` checks everything else (finite unit
+vectors, FAISS holding what the arrays say, routes within the bank). Non-finite vectors are
+refused when added. No pickles: JSON and safetensors only.
 """
 
 from __future__ import annotations
@@ -44,9 +50,13 @@ from torch import Tensor, nn
 
 from ..train import distributed
 
-FORMAT = "cmrkit-gallery-index/1"
+FORMAT = "cmrkit-gallery-index/2"  # /2: checksums; /1 (none) still loads
+FORMATS = ("cmrkit-gallery-index/1", FORMAT)
 POINTER = "CURRENT"
+MARKER = "cmrkit-index.json"
+ARRAYS = ("keys", "route_indices", "route_weights", "features", "embeddings")
 VERSION_NAME = re.compile(r"v\d{6}-[0-9a-f]{6}")
+TMP_NAME = re.compile(r"\.tmp-v\d{6}-[0-9a-f]{6}|\.(CURRENT|cmrkit-index\.json)\.[0-9a-f]{6}\.tmp")
 ROUTE_ATOL = 1e-6  # weights closer than this count as the same route (float noise of re-routing)
 
 
@@ -315,8 +325,11 @@ class GalleryIndex:
         dupes = [i for i in ids if i in self._row_of] + _repeated(ids)
         if dupes:
             raise ValueError(f"ids already in the index or repeated: {sorted(set(dupes))[:5]}")
-        emb = _normalised(embeddings, self.dim, "embeddings")
-        feat = _as_f32(features, self.feature_dim, "features")
+        emb = _normalised(embeddings, self.dim, "embeddings", ids)
+        feat = _as_f32(features, self.feature_dim, "features", ids)
+        _check_finite_rows(
+            np.asarray(torch.as_tensor(route_weights).float()).reshape(n, -1), "route weights", ids
+        )
         width = max(self.route_indices.shape[1], np.asarray(route_indices).reshape(n, -1).shape[1])
         idx, w = canonical_route(route_indices, route_weights, width)
         self._widen(width)
@@ -360,7 +373,7 @@ class GalleryIndex:
     ) -> None:
         """New routes and routed embeddings for existing rows (keys stay the same)."""
         rows = np.asarray(rows, dtype=np.int64)
-        emb = _normalised(embeddings, self.dim, "embeddings")
+        emb = _normalised(embeddings, self.dim, "embeddings", [self.ids[r] for r in rows])
         idx, w = canonical_route(idx, w, self.route_indices.shape[1])
         self._widen(idx.shape[1])
         self.route_indices[rows], self.route_weights[rows] = idx, w
@@ -395,7 +408,8 @@ class GalleryIndex:
     ) -> tuple[list[list[str]], np.ndarray]:
         """Top-``k`` ids and cosine scores per query row (a 1-D query is one row). ``rows``: search
         only these rows (a FAISS ID selector on the flat index: a pre-filter, exact top-k)."""
-        q = _normalised(np.atleast_2d(np.asarray(torch.as_tensor(query).float().cpu())), self.dim)
+        q = np.atleast_2d(np.asarray(torch.as_tensor(query).float().cpu()))
+        q = _normalised(q, self.dim, "queries", [f"query {i}" for i in range(len(q))])
         k = min(int(k), len(self) if rows is None else len(rows))
         if k <= 0:
             return [[] for _ in range(len(q))], np.zeros((len(q), 0), dtype=np.float32)
@@ -439,6 +453,45 @@ class GalleryIndex:
             "meta": self.meta,
         }
 
+    def check_encoder(self, encoder: Any, source: str = "the encoder") -> None:
+        """ValueError unless ``encoder``'s adapters, merge rule and router are the ones the
+        gallery was embedded with: its queries would otherwise be routed to adapters (or
+        prototypes) the stored items never saw. The remedy is :meth:`update`."""
+        if diff := fingerprint_differences(self.fingerprint, bank_fingerprint(encoder)):
+            raise ValueError(
+                f"{source} differs from the bank the index was built with ({'; '.join(diff)}): "
+                "update first"
+            )
+
+    def verify(self) -> list[str]:
+        """Every problem found in a full check (empty = healthy): lengths, unique ids, finite
+        unit-norm embeddings, finite features and route weights, routes within the bank, and
+        FAISS holding exactly the stored embeddings under the stored keys."""
+        problems = []
+        n = len(self.ids)
+        sizes = {a: len(getattr(self, a)) for a in ARRAYS} | {"paths": len(self.paths)}
+        if any(v != n for v in (*sizes.values(), len(self.captions))):
+            problems.append(f"{n} ids but lengths {sizes}")
+        if _repeated(self.ids):
+            problems.append(f"repeated ids {sorted(set(_repeated(self.ids)))[:5]}")
+        for name in ("embeddings", "features", "route_weights"):
+            bad = ~np.isfinite(getattr(self, name)).all(1)
+            if bad.any():
+                problems.append(f"{name} not finite for {_first_ids(self.ids, bad)}")
+        norms = np.linalg.norm(self.embeddings, axis=1)
+        if (off := np.abs(norms - 1) > 1e-3).any():
+            problems.append(f"embeddings not unit-norm for {_first_ids(self.ids, off)}")
+        top = self.fingerprint.get("num_adapters", 0)
+        if (bad := ((self.route_indices < -1) | (self.route_indices >= top)).any(1)).any():
+            problems.append(f"routes outside the {top} adapters for {_first_ids(self.ids, bad)}")
+        if self._cpu.ntotal != n:
+            problems.append(f"FAISS holds {self._cpu.ntotal} vectors for {n} items")
+        elif n:
+            held = np.stack([self._cpu.reconstruct(int(k)) for k in self.keys])
+            if (bad := (held != self.embeddings).any(1)).any():
+                problems.append(f"FAISS vectors differ for {_first_ids(self.ids, bad)}")
+        return problems
+
     # --- encoding with a routed encoder ---------------------------------------------------
     @torch.no_grad()
     def add_images(
@@ -452,13 +505,10 @@ class GalleryIndex:
     ) -> None:
         """Embed and add items: one backbone pass (routing feature) + one routed pass each.
         Under torchrun each rank embeds a contiguous shard and every rank adds all items."""
-        fp = bank_fingerprint(encoder)
         if not len(self):
-            self.fingerprint = fp
-        elif any(fp[k] != self.fingerprint.get(k) for k in ("hash", "merge", "router")):
-            raise ValueError(
-                "the encoder's adapters or router differ from the index's: update first"
-            )
+            self.fingerprint = bank_fingerprint(encoder)
+        else:
+            self.check_encoder(encoder)
         transform = _image_transform(encoder)
         device = _device_of(encoder)
         lo, hi = distributed.shard_bounds(len(ids))
@@ -567,7 +617,7 @@ class GalleryIndex:
         root = Path(directory)
         if not distributed.is_main():
             return root
-        root.mkdir(parents=True, exist_ok=True)
+        claim_folder(root)
         current = _read_pointer(root)
         number = int(current[1:7]) + 1 if current else 1
         name = f"v{number:06d}-{secrets.token_hex(3)}"
@@ -593,16 +643,20 @@ class GalleryIndex:
         if name is None:
             raise FileNotFoundError(f"{root}: no gallery index here (missing {POINTER})")
         folder = root / name
-        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
+        meta = _read_json(folder / "index.json")
+        if meta.get("format") not in FORMATS:
             raise ValueError(f"{folder}: unknown index format {meta.get('format')!r}")
-        arrays = load_file(str(folder / "arrays.safetensors"))
+        try:
+            arrays = load_file(str(folder / "arrays.safetensors"))
+        except Exception as e:  # safetensors raises its own errors on a damaged header
+            raise ValueError(f"{folder / 'arrays.safetensors'}: unreadable ({e})") from None
+        _check_sums(meta, arrays, folder)
         index = cls(meta["dim"], meta["feature_dim"], use_gpu=use_gpu, vectors=vectors)
         index.ids, index.paths, index.captions = meta["ids"], meta["paths"], meta["captions"]
         index.fingerprint, index.meta = meta["fingerprint"], meta["meta"]
         index._next_key = meta["next_key"]
         index.version = name
-        for field_name in ("keys", "route_indices", "route_weights", "features", "embeddings"):
+        for field_name in ARRAYS:
             setattr(index, field_name, arrays[field_name])
         if not (len(index.ids) == len(index.keys) == len(index.embeddings)):
             raise ValueError(f"{folder}: ids and arrays differ in length")
@@ -635,6 +689,10 @@ def _write_version(index: GalleryIndex, folder: Path) -> None:
         "paths": index.paths,
         "captions": index.captions,
     }
+    meta["sha256"] = {
+        **{k: _sha256_array(np.ascontiguousarray(v)) for k, v in arrays.items()},
+        "index.json": _sha256_json(meta),
+    }
     (folder / "index.json").write_text(json.dumps(meta), encoding="utf-8")
     _fsync_file(folder / "index.json")
 
@@ -658,14 +716,96 @@ def _read_pointer(root: Path) -> str | None:
 
 
 def _remove_stale(root: Path, keep: str) -> None:
-    """Old versions and the leftovers of interrupted saves (never the current one)."""
+    """Old versions and the leftovers of interrupted saves (never the current one): only
+    names this module gives, and versions only if they hold an index of ours."""
     for child in root.iterdir():
-        stale_version = child.is_dir() and VERSION_NAME.fullmatch(child.name) and child.name != keep
-        if stale_version or child.name.startswith((".tmp-", f".{POINTER}.")):
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        if child.name == keep:
+            continue
+        ours = TMP_NAME.fullmatch(child.name) or (
+            VERSION_NAME.fullmatch(child.name) and _is_our_version(child)
+        )
+        if ours and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        elif ours:
+            child.unlink(missing_ok=True)
+
+
+def _is_our_version(folder: Path) -> bool:
+    try:
+        return _read_json(folder / "index.json").get("format") in FORMATS
+    except (OSError, ValueError):
+        return False
+
+
+def is_index(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a gallery index (its marker, or a pre-marker index)."""
+    root = Path(directory)
+    return (root / MARKER).is_file() or (
+        (root / POINTER).is_file() and _is_our_version(root / _pointer_name(root))
+    )
+
+
+def claim_folder(root: Path) -> None:
+    """Make ``root`` an index folder: create it, or take an empty one, or accept an index;
+    a non-empty folder that is not an index is refused (nothing in it is touched)."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root}: not a folder")
+    taken = root.is_dir() and not (root / MARKER).is_file() and any(root.iterdir())
+    if taken and not is_index(root):
+        raise ValueError(
+            f"{root}: not empty and not a gallery index (no {MARKER}); choose an empty or "
+            "new folder"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / MARKER).is_file():
+        tmp = root / f".{MARKER}.{secrets.token_hex(3)}.tmp"
+        tmp.write_text(json.dumps({"format": FORMAT}) + "\n", encoding="utf-8")
+        os.replace(tmp, root / MARKER)
+        _fsync_dir(root)
+
+
+def _pointer_name(root: Path) -> str:
+    return (root / POINTER).read_text(encoding="utf-8").strip()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
+def _sha256_array(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.hexdigest()
+
+
+def _sha256_json(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_sums(meta: dict, arrays: dict, folder: Path) -> None:
+    """ValueError naming the first stored part whose SHA-256 differs (format /1: no sums)."""
+    sums = meta.get("sha256")
+    if meta.get("format") == FORMATS[0] and sums is None:
+        return
+    if not isinstance(sums, dict):
+        raise ValueError(f"{folder / 'index.json'}: checksums missing")
+    if sums.get("index.json") != _sha256_json(meta):
+        raise ValueError(f"{folder / 'index.json'}: checksum mismatch (the file was altered)")
+    for name in ARRAYS:
+        if name not in arrays:
+            raise ValueError(f"{folder / 'arrays.safetensors'}: array {name!r} missing")
+        if sums.get(name) != _sha256_array(arrays[name]):
+            raise ValueError(
+                f"{folder / 'arrays.safetensors'}: checksum mismatch in {name!r} (the file is "
+                "corrupt: restore it or rebuild the index)"
+            )
 
 
 def _fsync_file(path: Path) -> None:
@@ -682,17 +822,48 @@ def _fsync_dir(path: Path) -> None:
 
 
 # --- small helpers ----------------------------------------------------------------------------
-def _as_f32(x: Tensor | np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
+def _as_f32(
+    x: Tensor | np.ndarray, dim: int, what: str = "vectors", ids: Sequence[str] = ()
+) -> np.ndarray:
     a = np.asarray(torch.as_tensor(x).detach().float().cpu(), dtype=np.float32)
     a = np.ascontiguousarray(a.reshape(-1, a.shape[-1]) if a.ndim else a)
     if a.shape[-1] != dim:
         raise ValueError(f"{what} have dimension {a.shape[-1]}, the index expects {dim}")
+    _check_finite_rows(a, what, ids)
     return a
 
 
-def _normalised(x: Tensor | np.ndarray, dim: int, what: str = "queries") -> np.ndarray:
-    a = _as_f32(x, dim, what)
+def _normalised(
+    x: Tensor | np.ndarray, dim: int, what: str = "queries", ids: Sequence[str] = ()
+) -> np.ndarray:
+    a = _as_f32(x, dim, what, ids)
     return np.ascontiguousarray(F.normalize(torch.from_numpy(a), dim=-1).numpy())
+
+
+def _check_finite_rows(a: np.ndarray, what: str, ids: Sequence[str]) -> None:
+    """A NaN or infinite vector would score first (or drop out) in every search: refuse it."""
+    bad = ~np.isfinite(a).all(axis=-1) if a.size else np.zeros(len(a), bool)
+    if bad.any():
+        raise ValueError(f"{what} not finite for {int(bad.sum())} item(s): {_first_ids(ids, bad)}")
+
+
+def _first_ids(ids: Sequence[str], mask: np.ndarray, n: int = 5) -> list[str]:
+    rows = np.flatnonzero(mask)[:n].tolist()
+    return [ids[r] if r < len(ids) else f"row {r}" for r in rows]
+
+
+def fingerprint_differences(then: dict, now: dict) -> list[str]:
+    """What differs between two bank fingerprints: adapters, merge rule, router."""
+    diffs = []
+    if then.get("hash") != now.get("hash"):
+        diffs.append(
+            f"adapters {then.get('num_adapters')} {then.get('hash')!r} -> "
+            f"{now.get('num_adapters')} {now.get('hash')!r}"
+        )
+    for key in ("merge", "router"):
+        if then.get(key) != now.get(key):
+            diffs.append(f"{key} {then.get(key)!r} -> {now.get(key)!r}")
+    return diffs
 
 
 def _repeated(ids: Sequence[str]) -> list[str]:
