@@ -175,7 +175,7 @@ def test_reconstruction_loss_equals_a_hand_computation():
             x.var(-1, unbiased=False, keepdim=True) + ln.eps
         )
         xn = xn * ln.weight + ln.bias
-        z = F.gelu(xn @ parts.down[j].weight.T + parts.down[j].bias)
+        z = F.gelu(xn @ parts.down[j][0].weight.T + parts.down[j][0].bias)
         d1, d2 = parts.decoder[j][0], parts.decoder[j][2]
         rec = F.gelu(z @ d1.weight.T + d1.bias) @ d2.weight.T + d2.bias
         per_block.append(((rec - xn) ** 2).mean())
@@ -249,6 +249,8 @@ def test_ablations_and_bad_options():
     assert not build_method("mma", tiny_mini()).adapter.reconstruction
     with pytest.raises(ValueError, match="method rmadapter: lambda_rec must be >= 0"):
         build_method("rmadapter", tiny_mini(), lambda_rec=-1.0)
+    with pytest.raises(ValueError, match="MMA: activation must be one of"):
+        build_method("mma", tiny_mini(), activation="tanh")
     with pytest.raises(ValueError, match="method mma: start must be in"):
         build_method("mma", tiny_mini(), start=1.0)
 

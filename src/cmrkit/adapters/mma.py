@@ -9,8 +9,10 @@ blocks 4–6 of 6, 1-based).
 **Per adapted block** the adapter reads the block input through the block's first LayerNorm
 (CLIP, SigLIP, open_clip: pre-LN; BERT is post-LN, so its block input is already normalised and
 is read as is) and adds ``s · Up(Shared(Down(x)))`` to the block output, i.e. after the MLP.
-``Down`` (d → r, GELU) and ``Up`` (r → d) belong to one tower; ``Shared`` (r → r) is one layer
-per depth slot used by both towers (MMA's cross-modal coupling). Slots are counted from the top,
+``Down`` (d → r, activation) and ``Up`` (r → d) belong to one tower; ``Shared`` (r → r,
+activation) is one layer per depth slot used by both towers (MMA's cross-modal coupling). As in
+MMA's public code the weights start Kaiming-normal (fan-out), biases zero; the activation is ReLU
+for MMA (its code) and GELU for RMAdapter (the issue's description). Slots are counted from the top,
 so the last blocks of the two towers share one layer; where a tower has more adapted blocks
 (cmrkit-mini's text tower: 3 against 2) its lowest slot's Shared layer serves it alone.
 
@@ -42,6 +44,7 @@ BLOCK_LISTS = ("encoder.layers", "encoder.layer", "transformer.resblocks")
 TOWERS = ("image", "text")
 MMA_START = 1 / 3  # MMA: blocks 5-12 of CLIP's 12
 MINI_START = 1 / 2  # cmrkit-mini: the upper half of each tower
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
 def tower_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
@@ -95,9 +98,9 @@ def scaled(y: Tensor, s: float, grad_as_one: bool) -> Tensor:
 class _TowerAdapter(nn.Module):
     """One tower's Down and Up per adapted block (and the decoders, for RMAdapter)."""
 
-    def __init__(self, widths: list[int], bottleneck: int, reconstruction: bool) -> None:
+    def __init__(self, widths: list[int], bottleneck: int, reconstruction: bool, act) -> None:
         super().__init__()
-        self.down = nn.ModuleList(nn.Linear(d, bottleneck) for d in widths)
+        self.down = nn.ModuleList(nn.Sequential(nn.Linear(d, bottleneck), act()) for d in widths)
         self.up = nn.ModuleList(nn.Linear(bottleneck, d) for d in widths)
         self.decoder = (
             nn.ModuleList(
@@ -128,8 +131,14 @@ class MultiModalAdapter(nn.Module):
         grad_scale: bool = True,
         reconstruction: bool = False,
         start: float | None = None,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"MMA: activation must be one of {sorted(ACTIVATIONS)}, not {activation!r}"
+            )
+        act = ACTIVATIONS[activation]
         if bottleneck < 1:
             raise ValueError(f"MMA: bottleneck must be >= 1, got {bottleneck}")
         if start is None:
@@ -146,13 +155,19 @@ class MultiModalAdapter(nn.Module):
         self.towers = nn.ModuleDict(
             {
                 t: _TowerAdapter(
-                    [_width(blocks[t][i]) for i in self.indices[t]], bottleneck, reconstruction
+                    [_width(blocks[t][i]) for i in self.indices[t]], bottleneck, reconstruction, act
                 )
                 for t in TOWERS
             }
         )
         n_slots = max(len(v) for v in self.indices.values())
-        self.shared = nn.ModuleList(nn.Linear(bottleneck, bottleneck) for _ in range(n_slots))
+        self.shared = nn.ModuleList(
+            nn.Sequential(nn.Linear(bottleneck, bottleneck), act()) for _ in range(n_slots)
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         self._pending: dict[int, Tensor] = {}
         self._rec_losses: list[Tensor] = []
         self._handles = []
@@ -197,7 +212,7 @@ class MultiModalAdapter(nn.Module):
 
     def _delta(self, x: Tensor, tower: str, j: int, slot: int) -> Tensor:
         parts = self.towers[tower]
-        z = F.gelu(parts.down[j](x))
+        z = parts.down[j](x)
         if parts.decoder is not None and self.training:
             rec = parts.decoder[j](z)
             self._rec_losses.append(F.mse_loss(rec, x.detach()))

@@ -38,6 +38,7 @@ class MMA(ContinualMethod):
         grad_scale: bool = True,
         start: float | None = None,
         template_augmentation: bool = True,
+        activation: str = "relu",
     ) -> None:
         super().__init__(backbone)
         backbone.requires_grad_(False)
@@ -48,6 +49,7 @@ class MMA(ContinualMethod):
             grad_scale=grad_scale,
             reconstruction=self.reconstruction,
             start=start,
+            activation=activation,
         ).to(backbone.device)
         self.augment = template_augmentation
         self.task_classes: list[str] = []

@@ -33,10 +33,11 @@ class RMAdapter(MMA):
         backbone,
         lambda_rec: float = 1.0,
         lambda_con: float = 10.0,
+        activation: str = "gelu",
         **mma_options,
     ) -> None:
         self.reconstruction = lambda_rec > 0
-        super().__init__(backbone, **mma_options)
+        super().__init__(backbone, activation=activation, **mma_options)
         self.lambda_rec, self.lambda_con = lambda_rec, lambda_con
 
     def regularisers(self, pixels, prompts, images: Tensor, protos: Tensor) -> dict[str, Tensor]:
