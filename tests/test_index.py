@@ -497,3 +497,56 @@ def test_recorded_backbone_needs_the_users_consent(gallery, tmp_path, monkeypatc
     # what the user passed is checked against what the bank recorded (name and weights)
     assert main([*build, "--out", str(tmp_path / "i3"), "--backbone", "tiny-clip"]) == 2
     assert "saved for backbone" in capsys.readouterr().err
+
+
+# --- from a bench run to the index, on the command line -----------------------------------------
+TASK = "{{name: {0}, train: {{synthetic: {{style: {0}, n: 24, seed: {1}}}}}, test: {{synthetic: {{style: {0}, n: 16, seed: {2}}}}}}}"  # noqa: E501
+
+
+def _suite(tmp_path, styles: list[str]):
+    tasks = "\n".join(f"  - {TASK.format(s, i + 1, i + 11)}" for i, s in enumerate(styles))
+    path = tmp_path / f"{'-'.join(styles)}.yaml"
+    path.write_text(f"name: tiny\norder: given\ntasks:\n{tasks}\n")
+    return str(path)
+
+
+def test_bench_dar_bank_builds_updates_and_searches_an_index(tmp_path, capsys):
+    """bench (DAR) -> index build (suite gallery, in-memory images) -> index update to a later
+    run's bank (reads the images again from the recorded suite) -> index search."""
+    from cmrkit.cli import main
+    from cmrkit.index.cli import _gallery, load_routed_encoder
+
+    one, two = _suite(tmp_path, ["flat"]), _suite(tmp_path, ["flat", "pixel"])
+    bench = ["bench", "--methods", "dar", "--backbone", "tiny-mini", "--epochs", "1"]
+    bench += ["--batch-size", "8", "--no-progress"]
+    for suite, run in ((one, "run1"), (two, "run2")):
+        assert main([*bench, "--suite", suite, "--out", str(tmp_path / run)]) == 0
+    assert main(["adapters", "info", str(tmp_path / "run2" / "banks" / "dar")]) == 0
+    assert "backbone tiny-mini" in capsys.readouterr().out
+
+    index = str(tmp_path / "index")
+    build = ["index", "build", "--suite", two, "--out", index, "--adapters"]
+    assert main([*build, str(tmp_path / "run1")]) == 0  # a run folder: its one bank
+    assert "indexed 32 items with 1 adapters" in capsys.readouterr().out
+    built = GalleryIndex.load(index, use_gpu=False)
+    assert built.paths == [None] * 32  # generated images: nothing to reopen by path
+
+    update = ["index", "update", "--index", index, "--adapters", str(tmp_path / "run2")]
+    assert main(update) == 0
+    printed = capsys.readouterr().out
+    assert "adapters 1 -> 2" in printed and "re-embedded 0 /" not in printed
+    updated = GalleryIndex.load(index, use_gpu=False)
+    fresh = GalleryIndex(updated.dim, use_gpu=False)
+    encoder = load_routed_encoder(tmp_path / "run2", None, None)
+    fresh.add_dataset(encoder, _gallery(updated.meta["gallery"]))
+    assert updated.ids == fresh.ids
+    np.testing.assert_array_equal(updated.route_indices, fresh.route_indices)
+    np.testing.assert_allclose(updated.embeddings, fresh.embeddings, atol=1e-5)
+
+    assert main(["index", "search", "--index", index, "--text", "a red circle", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("query text 'a red circle' routed to ")
+    ranked = [line.split() for line in lines[3:] if line.split()[0] in ("1", "2")]
+    assert [r[0] for r in ranked] == ["1", "2"] and all(
+        r[3].startswith(("flat/", "pixel/")) for r in ranked
+    )

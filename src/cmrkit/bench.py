@@ -327,7 +327,9 @@ class Bench:
         return ranked[::-1] if order == "reverse" else ranked
 
     def _fresh_backbone(self):
-        return load_backbone(self.cfg.backbone).to(self.cfg.device)
+        backbone = load_backbone(self.cfg.backbone).to(self.cfg.device)
+        backbone.spec = self.cfg.backbone  # recorded in saved banks, so that they reload it
+        return backbone
 
     # --- files --------------------------------------------------------------------------------
     def _save(self) -> None:

@@ -43,9 +43,7 @@ def _run_info(args) -> int:
     path = Path(args.path)
     if (path / BANK_FILE).is_file():
         meta = read_bank_meta(path)
-        print(
-            f"bank {path}: backbone {meta['backbone']['name']} ({meta['backbone']['fingerprint']})"
-        )
+        print(f"bank {path}: backbone {_backbone_spec(meta)} ({meta['backbone']['fingerprint']})")
         print(f"  {len(meta['layers'])} wrapped layers, {len(meta['adapters'])} adapters")
         for i, a in enumerate(meta["adapters"]):
             print(f"  [{i}] {a['name']}: r={a['rank']} alpha={a['alpha']} dropout={a['dropout']}")
@@ -111,3 +109,8 @@ def _run_import(args) -> int:
     encoder.save(args.bank)
     print(f"added adapter {idx} ({ds.name}) to {args.bank}")
     return 0
+
+
+def _backbone_spec(meta: dict) -> str:
+    """The spec the bank's backbone was loaded with (bench records it), else its name."""
+    return meta["backbone"].get("spec") or meta["backbone"]["name"]

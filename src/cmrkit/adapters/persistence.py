@@ -53,7 +53,13 @@ def backbone_id(model: nn.Module) -> dict[str, Any]:
         h.update(
             torch.round(w.flatten()[:16].float().cpu() * 1e3).to(torch.int64).numpy().tobytes()
         )
-    return {"name": getattr(model, "name", type(model).__name__), "fingerprint": h.hexdigest()[:16]}
+    ident = {
+        "name": getattr(model, "name", type(model).__name__),
+        "fingerprint": h.hexdigest()[:16],
+    }
+    if spec := getattr(model, "spec", None):  # how it was loaded (bench sets it): reloads it
+        ident["spec"] = spec
+    return ident
 
 
 def _wrapped(model: nn.Module) -> dict[str, nn.Module]:
@@ -180,7 +186,8 @@ def trusted_backbone(
     if passed:
         return passed  # the caller's choice; load_bank then checks its fingerprint
     path = Path(folder) / BANK_FILE
-    recorded = (meta.get("backbone") or {}).get("name")
+    ident = meta.get("backbone") or {}
+    recorded = ident.get("spec") or ident.get("name")
     if not isinstance(recorded, str) or not recorded:
         raise ValueError(f"{path}: records no backbone name; pass --backbone")
     if recorded in NAMED or recorded in allowed:
@@ -202,7 +209,7 @@ def load_bank(
     folder = Path(folder)
     meta = read_bank_meta(folder)
     here = backbone_id(model)
-    if meta["backbone"] != here:
+    if any(meta["backbone"].get(k) != here[k] for k in ("name", "fingerprint")):
         raise ValueError(
             f"{folder / BANK_FILE}: saved for backbone {meta['backbone']}, "
             f"but this backbone is {here}"
