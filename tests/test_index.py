@@ -439,6 +439,23 @@ def test_index_saves_only_into_its_own_folder(world, tmp_path, gallery, capsys):
     assert GalleryIndex.load(folder, use_gpu=False).fingerprint["num_adapters"] == 1
 
 
+def test_an_index_saved_before_checksums_and_marker_still_loads_and_saves(world, tmp_path):
+    folder = tmp_path / "idx"
+    index = _build(world, 2)
+    index.save(folder)
+    meta_path = next(folder.glob("v*/index.json"))
+    meta = json.loads(meta_path.read_text())
+    del meta["sha256"]
+    meta["format"] = "cmrkit-gallery-index/1"
+    meta_path.write_text(json.dumps(meta))
+    (folder / "cmrkit-index.json").unlink()
+    old = GalleryIndex.load(folder, use_gpu=False)
+    assert old.ids == index.ids and old.verify() == []
+    old.save(folder)  # recognised as an index: marker written, the old version replaced
+    assert (folder / "cmrkit-index.json").is_file() and len(list(folder.glob("v*"))) == 1
+    assert "sha256" in json.loads(next(folder.glob("v*/index.json")).read_text())
+
+
 # --- a bank other than the index's -------------------------------------------------------------
 def test_search_with_another_bank_is_refused_or_updates_first(gallery, tmp_path, capsys):
     from cmrkit.cli import main
