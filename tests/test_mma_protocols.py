@@ -128,3 +128,9 @@ def test_mma_and_rmadapter_run_base_to_novel(tmp_path, root):
     for name in ("mma", "rmadapter", "rmadapter_nocon"):
         v = res["methods"][name]["per_dataset"]["icons"]
         assert v["train_items"] == 2 * 2 and 0 <= v["hm"] <= 100
+
+
+def test_dar_mma_runs_an_mtil_stream(tmp_path, root):
+    res = run_classify(_cfg(tmp_path, root, "mtil", ("dar_mma", "zeroshot")))
+    acc = res["methods"]["dar_mma"]["accuracy"]
+    assert len(acc) == 2 and all(0 <= v <= 100 for row in acc for v in row)

@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     cclip,
     dar,
+    dar_mma,
     dkr,
     ewc,
     finetune,

@@ -42,15 +42,15 @@ class MMA(ContinualMethod):
     ) -> None:
         super().__init__(backbone)
         backbone.requires_grad_(False)
-        self.adapter = MultiModalAdapter(
-            backbone,
+        self.adapter_options = dict(
             bottleneck=bottleneck,
             scale=scale,
             grad_scale=grad_scale,
             reconstruction=self.reconstruction,
             start=start,
             activation=activation,
-        ).to(backbone.device)
+        )
+        self.adapter = MultiModalAdapter(backbone, **self.adapter_options).to(backbone.device)
         self.augment = template_augmentation
         self.task_classes: list[str] = []
         self.templates: list[str] = ["a photo of a {}."]
