@@ -264,3 +264,23 @@ def test_state_dict_round_trip():
     assert all(
         torch.equal(x, y) for x, y in zip(_embed(a.backbone, batch), _embed(b.backbone, batch))
     )
+
+
+def test_consistency_term_equals_a_hand_computation():
+    bb = tiny_mini()
+    method = build_method("rmadapter", bb, lambda_rec=0.0, lambda_con=2.0, scale=1.0)
+    classes = _task(bb, method)
+    _randomise(method.adapter)
+    method.train_mode(True)
+    method.augment = False
+    pixels, _ = _batch(bb)
+    losses = method.training_loss(pixels, None, classes)
+    assert set(losses) == {"ce", "consistency"}  # no decoder: no reconstruction term
+    prompts = bb.tokenize([f"a {c}." for c in classes])
+    with torch.no_grad():
+        img, txt = bb.encode_image(pixels), bb.encode_text(prompts)
+        with method.adapter.disabled():
+            img0, txt0 = bb.encode_image(pixels), bb.encode_text(prompts)
+    want = 2.0 * ((img - img0).abs().mean() + (txt - txt0).abs().mean())
+    assert want > 0
+    torch.testing.assert_close(losses["consistency"].detach(), want, rtol=1e-5, atol=1e-7)

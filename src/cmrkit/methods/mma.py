@@ -79,7 +79,9 @@ class MMA(ContinualMethod):
         return list(self.adapter.parameters())
 
     def train_mode(self, training: bool) -> None:
-        super().train_mode(training)
+        """The frozen backbone stays in eval mode (no dropout: MiniLM's 0.1 would otherwise
+        perturb the features and RMAdapter's frozen consistency targets); the adapter follows."""
+        super().train_mode(False)
         self.adapter.train(training)
 
     def training_loss(self, pixels: Tensor, tokens, captions: list[str]) -> dict[str, Tensor]:
