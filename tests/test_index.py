@@ -252,6 +252,7 @@ def test_remove_and_search_by_id(world):
     ids, scores = index.search(emb, k=1)
     assert ids == [[target]] and scores[0, 0] == pytest.approx(1.0)
     assert index.adapter_names_of(target) == [("task1", 1.0)]
+    assert index.verify() == []  # keys no longer follow rows: FAISS still matched by key
 
 
 def test_save_load_round_trip(world, tmp_path):

@@ -482,14 +482,24 @@ class GalleryIndex:
         if (off := np.abs(norms - 1) > 1e-3).any():
             problems.append(f"embeddings not unit-norm for {_first_ids(self.ids, off)}")
         top = self.fingerprint.get("num_adapters", 0)
-        if (bad := ((self.route_indices < -1) | (self.route_indices >= top)).any(1)).any():
+        outside = (self.route_indices < -1) | (self.route_indices >= top)
+        if self.fingerprint.get("hash") and (bad := outside.any(1)).any():  # a bank is known
             problems.append(f"routes outside the {top} adapters for {_first_ids(self.ids, bad)}")
         if self._cpu.ntotal != n:
             problems.append(f"FAISS holds {self._cpu.ntotal} vectors for {n} items")
-        elif n:
-            held = np.stack([self._cpu.reconstruct(int(k)) for k in self.keys])
-            if (bad := (held != self.embeddings).any(1)).any():
-                problems.append(f"FAISS vectors differ for {_first_ids(self.ids, bad)}")
+        elif n:  # the flat index's rows in its own order, matched to ours by key
+            held = faiss.downcast_index(self._cpu.index).reconstruct_n(0, n)
+            labels = faiss.vector_to_array(self._cpu.id_map)
+            order = np.argsort(self.keys)
+            at = np.minimum(np.searchsorted(self.keys[order], labels), n - 1)
+            rows = order[at]
+            if (self.keys[rows] != labels).any():
+                problems.append("FAISS holds keys the index does not have")
+            else:
+                bad = np.zeros(n, bool)
+                bad[rows] = (held != self.embeddings[rows]).any(1)
+                if bad.any():
+                    problems.append(f"FAISS vectors differ for {_first_ids(self.ids, bad)}")
         return problems
 
     # --- encoding with a routed encoder ---------------------------------------------------
