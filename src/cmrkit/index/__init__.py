@@ -6,6 +6,16 @@ from cmrkit.index.gallery import (
     UpdateStats,
     bank_fingerprint,
     canonical_route,
+    fingerprint_differences,
+    is_index,
 )
 
-__all__ = ["GalleryIndex", "RoutedEncoder", "UpdateStats", "bank_fingerprint", "canonical_route"]
+__all__ = [
+    "GalleryIndex",
+    "RoutedEncoder",
+    "UpdateStats",
+    "bank_fingerprint",
+    "canonical_route",
+    "fingerprint_differences",
+    "is_index",
+]
