@@ -249,8 +249,10 @@ def test_ablations_and_bad_options():
     assert not build_method("mma", tiny_mini()).adapter.reconstruction
     with pytest.raises(ValueError, match="method rmadapter: lambda_rec must be >= 0"):
         build_method("rmadapter", tiny_mini(), lambda_rec=-1.0)
-    with pytest.raises(ValueError, match="MMA: activation must be one of"):
+    with pytest.raises(ValueError, match="method mma: activation must be one of"):
         build_method("mma", tiny_mini(), activation="tanh")
+    with pytest.raises(ValueError, match="method rmadapter: scale must be >= 0"):
+        build_method("rmadapter", tiny_mini(), scale=-0.1)
     with pytest.raises(ValueError, match="method mma: start must be in"):
         build_method("mma", tiny_mini(), start=1.0)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters.mma import MultiModalAdapter
+from ..adapters.mma import ACTIVATIONS, MultiModalAdapter
 from .base import ContinualMethod, TaskContext, register
 
 
@@ -63,6 +63,13 @@ class MMA(ContinualMethod):
         start = options.get("start")
         if start is not None and not 0 <= start < 1:
             raise ValueError(f"method {cls.name}: start must be in [0, 1), got {start}")
+        if options.get("activation", "relu") not in ACTIVATIONS:
+            raise ValueError(
+                f"method {cls.name}: activation must be one of {sorted(ACTIVATIONS)}, "
+                f"got {options['activation']!r}"
+            )
+        if options.get("scale", 0.0) < 0:
+            raise ValueError(f"method {cls.name}: scale must be >= 0, got {options['scale']}")
         for key in ("lambda_rec", "lambda_con"):
             if options.get(key, 0.0) < 0:
                 raise ValueError(f"method {cls.name}: {key} must be >= 0, got {options[key]}")
