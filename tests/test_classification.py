@@ -194,6 +194,8 @@ def test_classify_class_il_numbers_equal_a_hand_computation(tmp_path, cls_root):
     m = ft["metrics"]["ci_transfer"]
     assert m["value"] == pytest.approx(ci_transfer(ft["accuracy"]))
     assert m["ci"][0] <= m["value"] <= m["ci"][1]
+    lo, hi = ft["accuracy_ci"][2][0]
+    assert lo <= ft["accuracy"][2][0] <= hi
     report = (tmp_path / "run" / "report.md").read_text()
     assert "CI-Transfer" in report and "finetune" in report
 

@@ -160,6 +160,9 @@ class Classify:
         }
         return {
             "accuracy": A,
+            "accuracy_ci": [
+                [interval(reps[:, t, s], self.boot.level) for s in range(T)] for t in range(T)
+            ],
             "seen_average": seen_average(A),
             "metrics": metrics,
             "config": self._record_config(name),

@@ -69,7 +69,9 @@ def _stream(results: dict) -> list[str]:
         lines += ["| after \\ on | " + " | ".join(tasks) + " | seen avg |"]
         lines += ["|---|" + "---:|" * (len(tasks) + 1)]
         for t, row in enumerate(r["accuracy"]):
-            cells = [f"{v:.1f}" if s <= t else f"*{v:.1f}*" for s, v in enumerate(row)]
+            cis = (r.get("accuracy_ci") or [[None] * len(row)] * len(r["accuracy"]))[t]
+            texts = [Num(v, ci).text() for v, ci in zip(row, cis, strict=True)]
+            cells = [x if s <= t else f"*{x}*" for s, x in enumerate(texts)]
             lines += [f"| {tasks[t]} | " + " | ".join(cells) + f" | {r['seen_average'][t]:.1f} |"]
         lines += ["", "(*italic*: zero-shot cells, tasks not trained yet)", ""]
     return lines
