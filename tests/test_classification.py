@@ -260,3 +260,13 @@ def test_pretraining_variant_adds_only_the_pretraining_renderings():
         values = metadata_field(ROOT / "cmr-cls" / domain / split, table[domain]["field"])
         assert {values[r] for r in part.rows} <= set(table[domain]["pretrain"])
     assert sum(len(p) for p in parts) == 1733 + 4125  # as stated in configs/domains/cmr-cls.yaml
+
+
+def test_classes_from_the_data_are_one_list_for_both_splits(tmp_path, cls_root):
+    rows = (cls_root / "colours" / "test" / "metadata.jsonl").read_text().splitlines()
+    kept = [r for r in rows if '"label": "white"' not in r]  # a class with no test item
+    (cls_root / "colours" / "test" / "metadata.jsonl").write_text("\n".join(kept) + "\n")
+    path = _suite(tmp_path, "mtil")
+    path.write_text(path.read_text().replace("    classes: {file: classes.json, key: colours}\n", ""))
+    train, test = load_cls_suite(path, cls_root).datasets["colours"]
+    assert train.classes == test.classes == sorted(COLOURS)

@@ -203,27 +203,29 @@ def load_cls_suite(
     if protocol not in PROTOCOLS:
         raise DataError(f"{path}: protocol must be one of {PROTOCOLS}, not {protocol!r}")
     entries = {e["name"]: e for e in cfg["tasks"]}
-    datasets = {
-        t.name: tuple(
-            _labelled(suite, t.name, split, entries[t.name], path) for split in ("train", "test")
-        )
-        for t in suite.tasks
-    }
+    datasets = {t.name: _labelled(suite, t.name, entries[t.name], path) for t in suite.tasks}
     return ClsSuite(suite, protocol, datasets, dict(cfg.get("class_il") or {}))
 
 
-def _labelled(suite: Suite, task: str, split: str, entry: dict, path: Path) -> LabelledSet:
-    ds = suite.load(task, split)
-    if rend := entry.get("renderings"):
-        ds = _renderings(suite, task, split, ds, rend, path)
-    classes = _classes(entry.get("classes"), ds, suite.data_root, path)
+def _labelled(suite: Suite, task: str, entry: dict, path: Path) -> tuple[LabelledSet, LabelledSet]:
+    """A task's train and test sets over one class list (absent: the labels of both splits)."""
+    parts = []
+    for split in ("train", "test"):
+        ds = suite.load(task, split)
+        if rend := entry.get("renderings"):
+            ds = _renderings(suite, task, split, ds, rend, path)
+        parts.append(ds)
+    classes = _classes(entry.get("classes"), parts, suite.data_root, path)
     prompts = entry.get("prompt_names") or classes
     if len(prompts) != len(classes):
         raise DataError(
             f"{path}: task {task}: {len(prompts)} prompt_names for {len(classes)} classes"
         )
-    templates = entry.get("templates") or ["a photo of a {}."]
-    return LabelledSet(ds, list(classes), [str(p) for p in prompts], list(templates))
+    templates = list(entry.get("templates") or ["a photo of a {}."])
+    train, test = (
+        LabelledSet(ds, list(classes), [str(p) for p in prompts], templates) for ds in parts
+    )
+    return train, test
 
 
 def _renderings(suite, task, split, ds, rend: dict, path: Path) -> ImageCaptionDataset:
@@ -239,9 +241,9 @@ def _renderings(suite, task, split, ds, rend: dict, path: Path) -> ImageCaptionD
     return select_renderings(ds, folder, field, names, keep=mode == "only")
 
 
-def _classes(spec, ds: ImageCaptionDataset, root: Path | None, path: Path) -> list[str]:
+def _classes(spec, parts: list[ImageCaptionDataset], root: Path | None, path: Path) -> list[str]:
     if spec is None:
-        return sorted({lab for lab in ds.labels if lab is not None})
+        return sorted({lab for ds in parts for lab in ds.labels if lab is not None})
     if isinstance(spec, list):
         return [str(c) for c in spec]
     file = Path(spec["file"])
