@@ -228,7 +228,7 @@ def run_load(args) -> dict:
                 if i is None:
                     return
                 results[i] = {**one_request(client, url, pool[plan[i]]), "query": int(plan[i])}
-                if i == args.queries // 3 and not update:
+                if i == int(args.queries * args.update_at) and not update:
                     threading.Thread(target=add_domain, daemon=True).start()
 
     def add_domain():
@@ -504,6 +504,7 @@ def main() -> None:
     b.add_argument("--clients", type=int, default=16)
     b.add_argument("--text-queries", type=int, default=60)
     b.add_argument("--image-queries", type=int, default=40)
+    b.add_argument("--update-at", type=float, default=0.1, help="add the domain after this share")
     b.add_argument("--out", help="write the report here as JSON")
     c = sub.add_parser("transcript")
     c.add_argument("--demo", required=True)
