@@ -487,6 +487,10 @@ class GalleryIndex:
             problems.append(f"routes outside the {top} adapters for {_first_ids(self.ids, bad)}")
         if self._cpu.ntotal != n:
             problems.append(f"FAISS holds {self._cpu.ntotal} vectors for {n} items")
+        elif n and not hasattr(self._cpu, "id_map"):  # another vector store: ask by key
+            held = np.stack([self._cpu.reconstruct(int(k)) for k in self.keys])
+            if (bad := ~np.isclose(held, self.embeddings, atol=1e-6).all(1)).any():
+                problems.append(f"stored vectors differ for {_first_ids(self.ids, bad)}")
         elif n:  # the flat index's rows in its own order, matched to ours by key
             held = faiss.downcast_index(self._cpu.index).reconstruct_n(0, n)
             labels = faiss.vector_to_array(self._cpu.id_map)
