@@ -165,7 +165,8 @@ class Engine:
         self.snapshot = Snapshot(index, encoder, bank)
 
     def _encoder(self, bank: str, index: GalleryIndex) -> Any:
-        return self._load_encoder(bank, index.meta.get("backbone"), self.device)
+        # never the backbone a (possibly crafted) index.json names: the bank's consent check decides
+        return self._load_encoder(bank, None, self.device)
 
     # --- reads ------------------------------------------------------------------------------
     @torch.no_grad()
