@@ -250,6 +250,84 @@ def test_core_routing_validation():
         _run(layer, x, AdapterRouting.soft(torch.ones(2, 2)))
 
 
+def _token_weights(batch, tokens, seed=5):
+    """Top-2-like weights: each token uses two of the three adapters, some tokens none."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(batch, tokens, 3, generator=g, dtype=DT)
+    w.scatter_(-1, torch.randint(0, 3, (batch, tokens, 1), generator=g), 0.0)
+    w[0, 1] = 0.0  # a token on the bare backbone
+    return w
+
+
+def _per_token_loop(layer, x, w):
+    """Naive reference: token (b, t) goes through W + Σ_k w[b, t, k] ΔW_k, one at a time."""
+    W, bias = layer.base.weight, layer.base.bias
+    out = torch.empty(*x.shape[:-1], W.shape[0], dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            delta = sum(w[b, t, k] * _delta(layer, k) for k in range(layer.num_adapters))
+            out[b, t] = x[b, t] @ (W + delta).T + bias
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_routing_matches_per_token_loop(dtype):
+    layer, x, w = _layer().to(dtype), _x(4, tokens=5).to(dtype), _token_weights(4, 5).to(dtype)
+    got = _run(layer, x, AdapterRouting.token(w))
+    assert (got - _per_token_loop(layer, x, w)).abs().max() < 1e-5
+    assert torch.equal(got[0, 1], layer.base(x)[0, 1])  # no adapter: the bare output
+
+
+def test_token_routing_one_adapter_at_weight_one_is_its_lora():
+    layer, x = _layer(), _x(3, tokens=4)
+    for k in range(3):
+        w = torch.zeros(3, 4, 3, dtype=DT)
+        w[..., k] = 1.0
+        single = _run(layer, x, AdapterRouting.single(k))
+        assert (_run(layer, x, AdapterRouting.token(w)) - single).abs().max() < 1e-12
+
+
+def test_token_routing_with_per_sample_weights_equals_soft():
+    layer, x = _layer(), _x(4, tokens=5)
+    w = torch.rand(4, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+    soft = _run(layer, x, AdapterRouting.soft(w))
+    per_token = _run(layer, x, AdapterRouting.token(w[:, None].expand(4, 5, 3)))
+    assert (per_token - soft).abs().max() < 1e-12
+
+
+class _Gate(nn.Module):
+    """A per-layer token router: σ(x·v) on adapter 1 only (weights from the layer's input)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(n, dtype=DT))
+
+    def forward(self, x):
+        w = torch.zeros(*x.shape[:-1], 3, dtype=x.dtype)
+        w[..., 1] = torch.sigmoid(x @ self.v)
+        return w
+
+
+def test_token_router_module_routes_each_token_and_gets_the_gradient():
+    layer, x = _layer(), _x(2, tokens=3)
+    layer.token_router = _Gate(6)
+    layer.routing = AdapterRouting.token()
+    out = layer(x)
+    w = torch.sigmoid(x @ layer.token_router.v).detach()
+    ref = _per_token_loop(layer, x, torch.stack([torch.zeros_like(w), w, torch.zeros_like(w)], -1))
+    assert (out - ref).abs().max() < 1e-10
+    out.square().sum().backward()
+    assert layer.token_router.v.grad.abs().sum() > 0
+
+
+def test_token_routing_validation():
+    layer, x = _layer(), _x(2, tokens=3)
+    with pytest.raises(ValueError, match=r"\(\*input.shape\[:-1\], K\) = \(2, 3, 3\)"):
+        _run(layer, x, AdapterRouting.token(torch.ones(2, 3)))
+    with pytest.raises(ValueError, match="needs a token_router"):
+        _run(layer, x, AdapterRouting.token())
+
+
 def test_batch_dim_option():
     layer, x = _layer(), _x(4)
     idx = torch.tensor([2, -1, 0, 1])

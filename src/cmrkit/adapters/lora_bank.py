@@ -1,9 +1,9 @@
-"""A frozen Linear with a bank of LoRA adapters and per-sample routing.
+"""A frozen Linear with a bank of LoRA adapters and per-sample or per-token routing.
 
-``y = W x + Σ_k w_k · s_k · B_k A_k x`` with weights chosen per sample by an
+``y = W x + Σ_k w_k · s_k · B_k A_k x`` with weights chosen per sample (or per token) by an
 :class:`AdapterRouting` that the layer reads at forward time (set it on every layer at once
 through ``LoRABank.routing(...)``). All modes are one batched computation: never a Python loop
-over samples, never a per-sample (m × n) matrix.
+over samples or tokens, never a per-sample (m × n) matrix.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from cmrkit.merging.core_space import CoreBasis, core_basis
 from cmrkit.merging.rules import check_params, merge
 
-MODES = ("none", "single", "hard", "soft", "core")
+MODES = ("none", "single", "hard", "soft", "core", "token")
 SPACES = ("core", "full")
 # Adapter sets whose core bases a layer keeps (least recently used evicted). DAR top-2 over T
 # tasks has C(T, 2) sets: 32 holds every pair up to T = 8, and a batch rarely touches more.
@@ -42,6 +42,10 @@ class AdapterRouting:
       their full (m × n) updates (``space="full"``: the rule as the merging papers state it, a
       merged weight per sample; for ablations). A sample with a single adapter uses it as is
       (weight × its update) unless ``rule_on_single``.
+    - ``token``: ``weights`` of the layer input's shape with K in place of its last dim, e.g.
+      (batch, seq, K): a weight per token and adapter (zeros for adapters not chosen). Without
+      ``weights``, each layer asks its own ``token_router`` module for them, computed from its
+      own input (learned gates or Arrow in :mod:`cmrkit.routing`: every layer routes itself).
     ``batch_dim`` is the sample dimension of the layer inputs (0 for batch-first models).
     """
 
@@ -93,6 +97,10 @@ class AdapterRouting:
         return cls("soft", weights=torch.as_tensor(weights), batch_dim=batch_dim)
 
     @classmethod
+    def token(cls, weights: Tensor | None = None) -> AdapterRouting:
+        return cls("token", weights=None if weights is None else torch.as_tensor(weights))
+
+    @classmethod
     def core(
         cls,
         indices: Tensor,
@@ -128,6 +136,8 @@ class LoRABankLinear(nn.Module):
         self.lora_dropout = nn.ModuleList()
         self.alphas: list[float] = []
         self.routing = AdapterRouting()
+        # Per-token weights (..., K) from this layer's input, for token routing without weights.
+        self.token_router: nn.Module | None = None
         self._version = 0  # bumped whenever adapters may have changed: invalidates core bases
         self._core_cache: OrderedDict[tuple[int, ...], tuple[tuple, CoreBasis]] = OrderedDict()
         self.core_cache_size = core_cache_size
@@ -260,6 +270,8 @@ class LoRABankLinear(nn.Module):
             return self._add_single(out, x, r.index)
         if r.mode in ("hard", "core"):
             return self._grouped(out, x, r)
+        if r.mode == "token":
+            return self._add_tokens(out, x, r)
         # Soft mixing works on a batch-first view of x (movedim: no copy).
         h = self._mix(x.movedim(r.batch_dim, 0), r)
         _addmm_(out, h.movedim(0, r.batch_dim), torch.cat(list(self.lora_B), dim=1))
@@ -293,15 +305,45 @@ class LoRABankLinear(nn.Module):
         )
         scales = torch.tensor(self.scales, dtype=x.dtype, device=x.device)
         coef = weights.to(device=x.device, dtype=x.dtype)[:, owner] * scales[owner]  # (B, ΣR)
-        if self.training and any(isinstance(d, nn.Dropout) for d in self.lora_dropout):
-            # Each adapter sees its own dropout mask, as when trained alone.
-            h = torch.cat(
-                [F.linear(d(x), a) for d, a in zip(self.lora_dropout, self.lora_A, strict=True)],
-                dim=-1,
-            )
-        else:
-            h = F.linear(x, torch.cat(list(self.lora_A), dim=0))
+        h = self._down(x, range(len(ranks)))
         return h * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])
+
+    def _down(self, x: Tensor, members) -> Tensor:
+        """[A_j x]_j over ``members`` (..., Σ r_j): one matmul, or in training one per adapter
+        so that each adapter sees its own dropout mask, as when trained alone."""
+        members = list(members)
+        if self.training and any(isinstance(self.lora_dropout[j], nn.Dropout) for j in members):
+            h = [F.linear(self.lora_dropout[j](x), self.lora_A[j]) for j in members]
+            return torch.cat(h, -1)
+        return F.linear(x, torch.cat([self.lora_A[j] for j in members]))
+
+    def _add_tokens(self, out: Tensor, x: Tensor, r: AdapterRouting) -> Tensor:
+        """Token routing: out[t] += Σ_k w[t, k] s_k B_k A_k x[t] over the adapters that any token
+        uses (a top-k router leaves the others at zero: they are skipped, not multiplied by 0)."""
+        K = self.num_adapters
+        if r.weights is not None:
+            w = r.weights
+        elif self.token_router is not None:
+            w = self.token_router(x)
+        else:
+            raise ValueError("token routing without weights needs a token_router on every layer")
+        if w.shape != (*x.shape[:-1], K):
+            raise ValueError(
+                f"token routing weights must be (*input.shape[:-1], K) = "
+                f"{(*x.shape[:-1], K)}, got {tuple(w.shape)}"
+            )
+        used = w.detach().reshape(-1, K).ne(0).any(0).nonzero().squeeze(1).tolist()
+        if not used:
+            return out
+        ranks = [self.lora_A[j].shape[0] for j in used]
+        pick = torch.tensor(used, device=w.device).repeat_interleave(
+            torch.tensor(ranks, device=w.device)
+        )  # adapter of each of the Σ r_j columns
+        scales = torch.tensor(self.scales, dtype=x.dtype, device=w.device)
+        coef = w.to(x.dtype).index_select(-1, pick) * scales[pick]  # (..., Σ r_j)
+        b = self.lora_B[used[0]] if len(used) == 1 else torch.cat([self.lora_B[j] for j in used], 1)
+        _addmm_(out, self._down(x, used) * coef.to(x.device), b)
+        return out
 
     def _basis(self, members: tuple[int, ...]) -> CoreBasis:
         """Core basis of an adapter set, cached (LRU) until any of its adapters changes."""
