@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cmrkit.cli import main
 from cmrkit.eval.retrieval import recall_at_k
@@ -31,6 +31,7 @@ from cmrkit.methods import METHODS, _load_all  # noqa: F401  (fills the registry
 from cmrkit.utils import NonFiniteError
 
 ALL = sorted(m for m, cls in METHODS.items() if cls.retrieval)  # moder: cmrkit classify
+CLS_ONLY = sorted(m for m, cls in METHODS.items() if not cls.retrieval)  # mma, rmadapter, ...
 DRIVER = Path(__file__).with_name("kill_driver.py")
 SUITE = textwrap.dedent("""
     name: tiny
@@ -161,6 +162,75 @@ def test_every_method_killed_and_resumed_equals_uninterrupted(
     assert kill_and_resume(kill, suite_yaml, out, ALL) == len(ALL)
     assert_same_run(reference, out, ALL)
     assert not list(out.rglob(".*.tmp"))
+
+
+# Classification-only methods (mma, rmadapter and its ablations, dar_mma, dar_rmadapter, moder,
+# moder_nohub, text_ft) run in ``cmrkit classify``, which has no --resume; what a resume needs of
+# them is that their checkpoint (tensors through safetensors, the rest through JSON) holds
+# everything the next task depends on.
+@pytest.fixture(scope="module")
+def cls_stream(tmp_path_factory):
+    """A Classify run on a two-task Class-IL toy suite (coloured squares, three classes a task)."""
+    from test_classification import COLOURS, _folder, _suite
+
+    from cmrkit.classify import Classify, ClassifyConfig
+
+    tmp = tmp_path_factory.mktemp("cls")
+    root = tmp / "data"
+    _folder(root / "colours" / "train", 4)
+    _folder(root / "colours" / "test", 2)
+    (root / "classes.json").write_text(json.dumps({"colours": list(COLOURS)}))
+    cfg = ClassifyConfig(
+        suite=str(_suite(tmp, tasks=2)),
+        methods=CLS_ONLY,
+        out=str(tmp / "run"),
+        data_root=str(root),
+        backbone="tiny-mini",
+        train_overrides={"epochs": 2, "batch_size": 4, "lr": 1e-2, "progress": False},
+        device="cpu",
+    )
+    run = Classify(cfg)
+    return run, run.suite.stream("given", tmp / "splits")
+
+
+def learn(run, method, tasks, t: int) -> None:
+    train_cfg = run.settings[method.name][0]
+    task = tasks[t]
+    run._train(method, t, task.name, task.train, task.class_ids, train_cfg, tasks[: t + 1])
+
+
+@pytest.mark.parametrize("name", CLS_ONLY)
+def test_a_classification_method_restored_after_task_one_equals_uninterrupted(
+    cls_stream, name, tmp_path
+):
+    run, tasks = cls_stream
+    whole = run._build(name)[0]
+    learn(run, whole, tasks, 0)
+    weights = tmp_path / "state-after-1.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in whole.state_dict().items()}, weights)
+    extra = json.loads(json.dumps(whole.extra_state()))
+    learn(run, whole, tasks, 1)
+
+    resumed = run._build(name)[0]
+    resumed.load_extra_state(extra)
+    resumed.load_state_dict(load_file(weights))
+    learn(run, resumed, tasks, 1)
+
+    got, want = resumed.state_dict(), whole.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    test = tasks[1].test  # scored on the classes of the last task (a linear probe knows no other)
+    names = [test.prompt_names[c] for c in tasks[1].class_ids]
+    for method in (resumed, whole):
+        method.train_mode(False)
+    with torch.no_grad():
+        protos = [m.class_prototypes(names, test.templates) for m in (resumed, whole)]
+    assert torch.equal(*protos)
+    fresh = run._build(name)[0]
+    fresh.load_extra_state(extra)
+    fresh.load_state_dict(load_file(weights))
+    assert any(not torch.equal(got[k], v) for k, v in fresh.state_dict().items())  # task 2 taught
 
 
 # --- item 9: learning rate 0 is zero-shot -------------------------------------------------------

@@ -73,8 +73,29 @@ class _HardRouted:
         out = {f"adapters.{k}": v for k, v in self.adapters.state_dict().items()}
         return out | self.memory.state_dict()
 
+    def extra_state(self) -> dict:
+        return {"tasks": self.memory.tasks}
+
+    def load_extra_state(self, state: dict) -> None:
+        self._restored_tasks = [list(names) for names in state["tasks"]]
+
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        raise ValueError(f"method {self.name}: restoring a checkpoint is not supported yet")
+        """One adapter per stored task (the last one on, as after its training) and the
+        prototypes; the task names come from ``load_extra_state``."""
+        tasks = getattr(self, "_restored_tasks", [])
+        for adapter in self.adapters:
+            adapter.remove()
+        self.adapters = nn.ModuleList(
+            MultiModalAdapter(self.backbone, **self.adapter_options) for _ in tasks
+        ).to(self.backbone.device)
+        self.adapters.load_state_dict(
+            {k.removeprefix("adapters."): v for k, v in state.items() if k.startswith("adapters.")}
+        )
+        self.memory.load_state_dict(state, tasks)
+        for adapter in self.adapters:
+            adapter.enabled = adapter is self.adapters[-1]
+        if tasks:
+            self.adapter = self.adapters[-1]
 
 
 class HardRoutedEncoder:
