@@ -95,6 +95,10 @@ class BenchConfig:
     eval_batch_size: int = 512
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     max_train_items: int | None = None  # cap per task (quick runs); a seeded subset
+    # choosing settings: evaluate on this seeded fraction of each task's training split, train
+    # on the rest; the test splits are never read
+    validation: float | None = None
+    preset: str | None = None  # configs/presets/NAME.yaml: below the run's flags and --set
     resume: bool = False
     skip_bad: bool = False
     allow_outside: bool = False  # files outside their split folder
@@ -115,9 +119,12 @@ class Bench:
             split_dir=self.out / "splits",  # when the data root is read-only
         )
         holdout(self.suite, cfg.holdout)
-        self.tests = {t.name: self.suite.load(t.name, "test") for t in self.suite.tasks}
+        if cfg.validation is None:
+            self.tests = {t.name: self.suite.load(t.name, "test") for t in self.suite.tasks}
         # every split read (and its bad rows found) before the first step
         self.trains = {t.name: self.suite.load(t.name, "train") for t in self.suite.tasks}
+        if cfg.validation is not None:
+            self.trains, self.tests = carve_validation(self.trains, cfg.validation)
         self.cls_probes = {
             p.name: self.suite.load(p.name, "test") for p in self.suite.classification_probes
         }
@@ -423,11 +430,15 @@ class Bench:
 
 
 def method_config(
-    name: str, train_overrides: dict | None = None, options: dict | None = None
+    name: str,
+    train_overrides: dict | None = None,
+    options: dict | None = None,
+    preset: dict | None = None,
 ) -> tuple[TrainConfig, dict]:
     """Training settings and options of a method: ``configs/methods/NAME.yaml`` (the papers'
-    values), then the run's overrides, then this method's own overrides (``--set finetune.lr=…``:
-    keys naming a training setting go to training, the rest are method options)."""
+    values), then a preset's settings for it (:func:`load_preset`), then the run's overrides,
+    then this method's own overrides (``--set finetune.lr=…``: keys naming a training setting go
+    to training, the rest are method options)."""
     path = CONFIG_DIR / "methods" / f"{name}.yaml"
     if not path.exists():  # a silent fall-back to TrainConfig defaults would misreport the paper
         raise ValueError(f"method {name!r}: no config {path}")
@@ -436,6 +447,7 @@ def method_config(
     own = options or {}
     train = {
         **(defaults.get("train") or {}),
+        **preset_train(preset, name),
         **(train_overrides or {}),
         **{k: v for k, v in own.items() if k in known},
     }
@@ -460,6 +472,53 @@ def method_config(
     return train_cfg, options
 
 
+def load_preset(name: str) -> dict:
+    """Preset ``configs/presets/NAME.yaml``: training settings for every method (``train``) and
+    per method family (``families: {family: {methods: [...], train: {...}}}``), checked."""
+    folder = CONFIG_DIR / "presets"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ValueError(f"--preset {name!r}: no such preset (known: {known})")
+    preset = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    where = f"preset {name} ({path.name})"
+    if extra := sorted(set(preset) - {"description", "train", "families"}):
+        raise ValueError(f"{where}: unknown key {extra[0]!r}")
+    seen: dict[str, str] = {}
+    for family, spec in (preset.get("families") or {}).items():
+        for method in spec.get("methods", []):
+            if method not in METHODS:
+                raise ValueError(f"{where}: family {family}: unknown method {method!r}")
+            if method in seen:
+                raise ValueError(f"{where}: method {method} in families {seen[method]}, {family}")
+            seen[method] = family
+        _check_preset_train(spec.get("train") or {}, f"{where}: family {family}")
+    _check_preset_train(preset.get("train") or {}, where)
+    return preset
+
+
+def _check_preset_train(train: dict, where: str) -> None:
+    known = {f.name for f in fields(TrainConfig)}
+    for key, value in train.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown training setting {key!r}")
+        try:
+            check_train_setting(key, value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {key}: {e}") from None
+
+
+def preset_train(preset: dict | None, method: str) -> dict:
+    """The training settings a preset gives ``method``: its own for all, then its family's."""
+    if not preset:
+        return {}
+    family = next(
+        (f for f in (preset.get("families") or {}).values() if method in f.get("methods", [])),
+        {},
+    )
+    return {**(preset.get("train") or {}), **(family.get("train") or {})}
+
+
 def _check_arguments(cfg: BenchConfig) -> dict[str, tuple[TrainConfig, dict]]:
     """Every argument and every method's settings and options, before any work; returns each
     method's (training settings, options)."""
@@ -482,13 +541,19 @@ def _check_arguments(cfg: BenchConfig) -> dict[str, tuple[TrainConfig, dict]]:
             raise ValueError(
                 f"--{key.replace('_', '-')} must be a whole number >= {low}, got {value!r}"
             )
+    if cfg.validation is not None:
+        if not isinstance(cfg.validation, float) or not 0 < cfg.validation < 1:
+            raise ValueError(f"--validation must be a fraction in (0, 1), got {cfg.validation!r}")
+        if cfg.holdout:
+            raise ValueError("--validation and --holdout: a held-out probe reads its test split")
     for key, value in cfg.train_overrides.items():
         try:
             check_train_setting(key, value)
         except ValueError as e:
             raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+    preset = load_preset(cfg.preset) if cfg.preset else None
     return {
-        name: method_config(name, cfg.train_overrides, cfg.method_options.get(name))
+        name: method_config(name, cfg.train_overrides, cfg.method_options.get(name), preset)
         for name in cfg.methods
     }
 
@@ -499,6 +564,25 @@ def holdout(suite: Suite, names: list[str]) -> None:
     if unknown := [n for n in names if n not in tasks]:
         raise ValueError(f"--holdout {unknown[0]}: suite {suite.name} has no such task ({tasks})")
     suite.holdout(names)
+
+
+VALIDATION_SEED = 0  # one carve for every training seed: seeds are compared on the same items
+
+
+def carve_validation(
+    trains: dict[str, ImageCaptionDataset], fraction: float
+) -> tuple[dict[str, ImageCaptionDataset], dict[str, ImageCaptionDataset]]:
+    """(training rest, validation) of every task: a seeded ``fraction`` of its training items
+    (at least one), so that settings are chosen without reading a test split."""
+    rest, val = {}, {}
+    for name, ds in trains.items():
+        n_val = max(1, round(fraction * len(ds)))
+        if n_val >= len(ds):
+            raise ValueError(f"--validation {fraction}: task {name} has {len(ds)} training items")
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+        rest[name] = ds.subset(sorted(perm[n_val:].tolist()))
+        val[name] = ds.subset(sorted(perm[:n_val].tolist()), name=f"{name} (validation)")
+    return rest, val
 
 
 def _check_unique(names: list[str], what: str) -> None:

@@ -190,6 +190,17 @@ def _bench_parser(sub) -> None:
         help="override one method's option or training setting, e.g. dar.rank=8, finetune.lr=5e-5 "
         "(repeatable)",
     )
+    p.add_argument(
+        "--preset",
+        help="named settings (configs/presets/NAME.yaml, e.g. reference): epochs and learning "
+        "rate per method family; --epochs, --lr, --set ... still override them",
+    )
+    p.add_argument(
+        "--validation",
+        type=float,
+        help="choose settings: evaluate on this seeded fraction of each task's training split "
+        "(e.g. 0.2) and train on the rest; the test splits are not read",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_bench)
 
@@ -201,7 +212,8 @@ def _run_bench(args) -> int:
 
     every = sorted(m for m, cls in METHODS.items() if cls.retrieval)
     methods = every if args.methods == "all" else _split(args.methods)
-    overrides = dict(QUICK) if args.quick else {}
+    # with a preset, --quick keeps only its one prompt template: the preset sets the schedule
+    overrides = dict(QUICK) if args.quick and not args.preset else {}
     for f in fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -223,6 +235,8 @@ def _run_bench(args) -> int:
         resume=args.resume,
         skip_bad=args.skip_bad,
         allow_outside=args.allow_outside_files,
+        preset=args.preset,
+        validation=args.validation,
     )
     if args.quick:
         cfg.templates = list(QUICK_TEMPLATES)
