@@ -153,6 +153,16 @@ def test_killed_in_a_checkpoint_write_and_resumed_equals_uninterrupted(
     assert_same_run(reference, out, ["cclip"])
 
 
+def test_every_file_of_a_run_has_a_normal_files_mode(reference):
+    """safetensors recreates the file it is given: the atomic write's mode must survive that."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in reference.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".safetensors", ".json", ".md"}
+    modes = {str(p.relative_to(reference)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert modes == {name: oct(0o666 & ~mask) for name in modes}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", ["train", "checkpoint"])
 def test_every_method_killed_and_resumed_equals_uninterrupted(
