@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -134,3 +135,61 @@ def test_dar_mma_runs_an_mtil_stream(tmp_path, root):
     res = run_classify(_cfg(tmp_path, root, "mtil", ("dar_mma", "zeroshot")))
     acc = res["methods"]["dar_mma"]["accuracy"]
     assert len(acc) == 2 and all(0 <= v <= 100 for row in acc for v in row)
+
+
+def test_base_to_novel_paired_differences_equal_a_hand_computation(tmp_path, root):
+    """RMAdapter's claim is a paired one (vs MMA on the same test items): the differences use
+    replicates drawn alike for both methods, HM taken per replicate, then averaged."""
+    from cmrkit.classify import Classify
+    from cmrkit.eval.bootstrap import replicate_means, stream_seed
+
+    run = Classify(_cfg(tmp_path, root, "base-to-novel", ("mma", "rmadapter")))
+    gen = torch.Generator().manual_seed(0)
+    hits = {
+        m: {
+            d: (torch.rand(30, generator=gen) < p, torch.rand(20, generator=gen) < p / 2)
+            for d in ("icons", "shapes")
+        }
+        for m, p in (("mma", 0.5), ("rmadapter", 0.7))
+    }
+    run._b2n_hits = hits
+    records = {}
+    for m, per in hits.items():
+        points = {
+            d: {"base": 100 * b.double().mean().item(), "novel": 100 * n.double().mean().item()}
+            for d, (b, n) in per.items()
+        }
+        for v in points.values():
+            v["hm"] = 2 * v["base"] * v["novel"] / (v["base"] + v["novel"])
+        avg = {k: (points["icons"][k] + points["shapes"][k]) / 2 for k in ("base", "novel")}
+        avg["hm"] = 2 * avg["base"] * avg["novel"] / (avg["base"] + avg["novel"])
+        records[m] = {"per_dataset": points, "average": avg}
+    paired = run._paired_base_to_novel(records)
+    assert paired["reference"] == "mma" and list(paired["methods"]) == ["rmadapter"]
+
+    def reps(m):
+        out = {}
+        for d, (b, n) in hits[m].items():
+            seed = run.boot.seed
+            out[d] = [
+                100 * replicate_means(x, 1000, stream_seed(seed, f"{d}/{k}"))
+                for x, k in ((b, "base"), (n, "novel"))
+            ]
+        B = (out["icons"][0] + out["shapes"][0]) / 2
+        N = (out["icons"][1] + out["shapes"][1]) / 2
+        return out, 2 * B * N / (B + N)
+
+    (_, hm_a), (_, hm_b) = reps("rmadapter"), reps("mma")
+    got = paired["methods"]["rmadapter"]["average"]["hm"]
+    assert run.boot.n_boot == 1000
+    lo, hi = np.quantile(hm_a - hm_b, [0.025, 0.975])
+    assert got["ci"] == pytest.approx([lo, hi])
+    assert got["diff"] == pytest.approx(
+        records["rmadapter"]["average"]["hm"] - records["mma"]["average"]["hm"]
+    )
+    assert got["significant"] == (lo > 0 or hi < 0)
+    icons = paired["methods"]["rmadapter"]["icons"]["novel"]
+    assert icons["diff"] == pytest.approx(
+        records["rmadapter"]["per_dataset"]["icons"]["novel"]
+        - records["mma"]["per_dataset"]["icons"]["novel"]
+    )

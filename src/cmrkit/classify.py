@@ -38,11 +38,17 @@ from .data.classification import (
     with_renderings,
 )
 from .data.dataset import ImageCaptionDataset
-from .eval.bootstrap import BootstrapConfig, interval, replicate_means, stream_seed
+from .eval.bootstrap import (
+    BootstrapConfig,
+    interval,
+    paired_difference,
+    replicate_means,
+    stream_seed,
+)
 from .eval.metrics import CLS_METRICS, harmonic_mean, seen_average
 from .eval.retrieval import embed_images
 from .eval.zeroshot import prototype_ranks
-from .methods import TaskContext, build_method
+from .methods import METHODS, TaskContext, build_method
 from .train.loop import train_task
 from .utils import check_finite, check_writable_dir, derived_seed, seed_everything, write_json
 
@@ -90,8 +96,10 @@ class Classify:
         self.suite: ClsSuite = load_cls_suite(cfg.suite, cfg.data_root)
         self.protocol = cfg.protocol or self.suite.protocol
         self.boot = BootstrapConfig()
+        self._b2n_hits: dict[str, dict[str, tuple]] = {}  # method -> dataset -> (base, novel)
 
     def run(self) -> dict:
+        self._check_vocabularies()
         started = time.time()
         results = {
             "suite": self.suite.name,
@@ -119,6 +127,8 @@ class Classify:
             record["wall_s"] = time.time() - method_started
             results["methods"][name] = record
             write_json(self.out / "results.json", results)
+        if self.protocol == "base-to-novel" and len(self._b2n_hits) > 1:
+            results["paired"] = self._paired_base_to_novel(results["methods"])
         results["wall_s"] = time.time() - started
         write_json(self.out / "results.json", results)
         from .eval.cls_report import write_cls_report
@@ -189,9 +199,25 @@ class Classify:
         check_finite(images, f"method {method.name}: image embeddings of {test.data.name}")
         return prototype_ranks(images, protos.to(images), test.targets) == 0
 
+    def _check_vocabularies(self) -> None:
+        """A method with a head only for its trained classes (linear probe) has no score for
+        classes it never trained: refused where the protocol asks for them."""
+        if self.protocol in ("base-to-novel", "domain-generalisation"):
+            return
+        for name in self.cfg.methods:
+            if not METHODS[name].open_vocabulary:
+                raise ValueError(
+                    f"--methods: {name} classifies only the classes it was trained on; "
+                    f"--protocol {self.protocol} scores other classes (use base-to-novel, "
+                    "where it reports base accuracy only, or domain-generalisation)"
+                )
+
     # --- base-to-novel -----------------------------------------------------------------------
     def _base_to_novel(self, name: str) -> dict:
+        """Base and novel accuracy per dataset; a method without an open vocabulary (linear
+        probe) has no novel score, so no HM (its average is over base accuracy only)."""
         per_dataset = {}
+        self._b2n_hits[name] = {}
         for d, (train, test) in self.suite.datasets.items():
             method, train_cfg = self._build(name)
             key = f"{d}.base-novel-{self.cfg.split_seed}"
@@ -204,20 +230,65 @@ class Classify:
             self._train(method, 0, d, shots, list(range(len(base))), train_cfg, None)
             train_s = time.time() - tic
             b = self._hits(method, test.relabel(base))
-            n = self._hits(method, test.relabel(novel))
-            B, N = 100 * b.double().mean().item(), 100 * n.double().mean().item()
+            n = self._hits(method, test.relabel(novel)) if method.open_vocabulary else None
+            self._b2n_hits[name][d] = (b, n)
+            B = 100 * b.double().mean().item()
+            N = None if n is None else 100 * n.double().mean().item()
             per_dataset[d] = {
                 "base": B,
                 "novel": N,
-                "hm": harmonic_mean(B, N),
+                "hm": None if N is None else harmonic_mean(B, N),
                 "base_ci": self._interval(b, f"{d}/base"),
-                "novel_ci": self._interval(n, f"{d}/novel"),
+                "novel_ci": None if n is None else self._interval(n, f"{d}/novel"),
                 "train_items": len(shots.data),
                 "train_s": train_s,
+                **_extra(method, d, test.data),
             }
-        mean = {k: float(np.mean([v[k] for v in per_dataset.values()])) for k in ("base", "novel")}
-        mean["hm"] = harmonic_mean(mean["base"], mean["novel"])
+        mean = {"base": float(np.mean([v["base"] for v in per_dataset.values()]))}
+        novel = [v["novel"] for v in per_dataset.values()]
+        mean["novel"] = None if None in novel else float(np.mean(novel))
+        mean["hm"] = None if mean["novel"] is None else harmonic_mean(mean["base"], mean["novel"])
         return {"per_dataset": per_dataset, "average": mean, "config": self._record_config(name)}
+
+    def _b2n_replicates(self, name: str) -> dict[str, dict[str, np.ndarray]]:
+        """Bootstrap replicates of base / novel / HM per dataset and of their average. Each
+        dataset part is resampled alike for every method (seeded by its name), so differences
+        between methods are paired."""
+        reps = {}
+        for d, (b, n) in self._b2n_hits[name].items():
+            reps[d] = {"base": self._replicates(b, f"{d}/base")}
+            if n is not None:
+                reps[d]["novel"] = self._replicates(n, f"{d}/novel")
+                reps[d]["hm"] = _harmonic_means(reps[d]["base"], reps[d]["novel"])
+        parts = [k for k in ("base", "novel") if all(k in r for r in reps.values())]
+        avg = {k: np.mean([r[k] for r in reps.values()], 0) for k in parts}
+        if "novel" in avg:
+            avg["hm"] = _harmonic_means(avg["base"], avg["novel"])
+        reps["average"] = avg
+        return reps
+
+    def _paired_base_to_novel(self, records: dict) -> dict:
+        """Each method's base / novel / HM minus the first method's (per dataset and on
+        average), with the 95 % paired bootstrap interval."""
+        ref, *others = self.cfg.methods
+        ref_reps = self._b2n_replicates(ref)
+        out = {}
+        for name in others:
+            reps = self._b2n_replicates(name)
+            out[name] = {}
+            for d, parts in reps.items():
+                point = records[name]["average" if d == "average" else "per_dataset"]
+                point_ref = records[ref]["average" if d == "average" else "per_dataset"]
+                if d != "average":
+                    point, point_ref = point[d], point_ref[d]
+                out[name][d] = {
+                    k: paired_difference(
+                        point[k], point_ref[k], parts[k], ref_reps[d][k], self.boot.level
+                    ).as_dict()
+                    for k in parts
+                    if k in ref_reps[d]
+                }
+        return {"reference": ref, "methods": out}
 
     # --- cross-dataset and domain generalisation (RMAdapter, CoCoOp) -----------------------------
     def _few_shot_all(self, train: LabelledSet) -> LabelledSet:
@@ -283,6 +354,7 @@ class Classify:
                 "target_renderings": len(tgt),
                 "train_items": len(shots.data),
                 "train_s": time.time() - tic,
+                **_extra(method, d, test.data),
             }
         if not per_dataset:
             raise ValueError(f"suite {self.suite.name}: no dataset has renderings (theme / font)")
@@ -328,13 +400,28 @@ class Classify:
     def _seed(self, task: ClsTask) -> int:
         return stream_seed(self.boot.seed, f"cls/{task.name}")
 
+    def _replicates(self, hits: torch.Tensor, key: str) -> np.ndarray:
+        return 100 * replicate_means(hits, self.boot.n_boot, stream_seed(self.boot.seed, key))
+
     def _interval(self, hits: torch.Tensor, key: str):
-        reps = 100 * replicate_means(hits, self.boot.n_boot, stream_seed(self.boot.seed, key))
-        return interval(reps, self.boot.level)
+        return interval(self._replicates(hits, key), self.boot.level)
 
     def _record_config(self, name: str) -> dict:
         train_cfg, options = self.settings[name]
         return _jsonable({"train": asdict(train_cfg), "options": options})
+
+
+def _extra(method, d: str, test: ImageCaptionDataset) -> dict:
+    """The method's own numbers on dataset ``d`` (``extra_eval``: a linear probe's chosen
+    penalty), under ``extra`` when it has any."""
+    extra = method.extra_eval(d, test)
+    return {"extra": extra} if extra else {}
+
+
+def _harmonic_means(base: np.ndarray, novel: np.ndarray) -> np.ndarray:
+    """Elementwise HM of replicate arrays (0 where both are 0)."""
+    total = base + novel
+    return np.where(total > 0, 2 * base * novel / np.where(total > 0, total, 1), 0.0)
 
 
 def _label_captions(train: LabelledSet) -> ImageCaptionDataset:
@@ -416,7 +503,7 @@ def _run(args) -> int:
                 if v["value"] is not None
             )
         elif "average" in record:
-            shown = "  ".join(f"{k} {v:.1f}" for k, v in record["average"].items())
+            shown = "  ".join(f"{k} {v:.1f}" for k, v in record["average"].items() if v is not None)
         elif "target_average" in record:
             shown = f"target average {record['target_average'] or 0:.1f}"
         else:

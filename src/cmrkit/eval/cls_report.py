@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmrkit.eval.report import Num, _fmt_time, _save, _table
+from cmrkit.eval.report import DASH, Num, _fmt_time, _save, _table
 from cmrkit.utils import atomic_write
 
 STREAM_COLUMNS = {
@@ -95,7 +95,48 @@ def _base_novel(results: dict) -> list[str]:
                 )
             )
         lines += [f"### {d}", ""] + _table(["Base", "Novel", "HM"], rows, ["max"] * 3)
+    if any(r["average"]["novel"] is None for r in methods.values()):
+        lines += [
+            "(—: a method without an open vocabulary, e.g. a linear probe, has no head for "
+            "novel classes; its average is over base accuracy only.)",
+            "",
+        ]
+    return lines + _paired_base_novel(results)
+
+
+def _paired_base_novel(results: dict) -> list[str]:
+    """Each method minus the reference (the run's first method), per dataset and on average,
+    with the 95 % paired bootstrap interval; `*` = the interval excludes 0."""
+    paired = results.get("paired")
+    if not paired:
+        return []
+    ref = paired["reference"]
+    lines = [
+        f"## Paired differences from {ref}",
+        "",
+        f"Base / Novel / HM of each method minus {ref}'s (points), with the 95 % paired bootstrap "
+        "interval (the same resampled test items for both); `*` = the interval excludes 0.",
+        "",
+    ]
+    for d in [*results["datasets"], "average"]:
+        lines += [
+            f"### {d}: − {ref}",
+            "",
+            "| Method | ΔBase | ΔNovel | ΔHM |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, per in paired["methods"].items():
+            cells = [_diff_text(per[d].get(k)) for k in ("base", "novel", "hm")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     return lines
+
+
+def _diff_text(c: dict | None) -> str:
+    if c is None:
+        return DASH
+    star = "*" if c["significant"] else ""
+    return f"{c['diff']:+.1f} [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]{star}"
 
 
 def _cross_dataset(results: dict) -> list[str]:

@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     ewc,
     finetune,
     l2p,
+    linear_probe,
     lora_ft,
     mma,
     moder,

@@ -51,6 +51,8 @@ class ContinualMethod:
     # the loop passes each batch's caption strings to training_loss (label-supervised methods)
     reads_captions: ClassVar[bool] = False
     retrieval: ClassVar[bool] = True  # False: classification only (needs class names; MoDER)
+    # False: classifies only the classes it was trained on (a linear probe's head)
+    open_vocabulary: ClassVar[bool] = True
 
     def __init__(self, backbone: DualEncoder, **options: Any) -> None:
         self.backbone = backbone
