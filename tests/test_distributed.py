@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from cmrkit import distributed
 from cmrkit.backbones import load_backbone
 from cmrkit.data.dataset import ImageCaptionDataset
 from cmrkit.data.synthetic import generate
@@ -22,7 +23,7 @@ from cmrkit.eval.retrieval import evaluate_retrieval
 from cmrkit.methods import TaskContext, build_method
 from cmrkit.methods.cclip import ckc_loss
 from cmrkit.methods.distill import similarity_matrices
-from cmrkit.train import distributed
+from cmrkit.train.distributed import global_batch
 from cmrkit.train.loop import TrainConfig, train_task
 from cmrkit.train.losses import clip_loss, sigmoid_loss
 
@@ -45,10 +46,9 @@ def _entry(rank, world, port, out, fn, args):
         WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    if world > 1:
-        assert distributed.init_from_env(timeout_s=60)
-    else:  # the reference: one rank, but the same distributed sampler and data order
-        torch.distributed.init_process_group("gloo")
+    # world 1 is the reference: one rank, but the same distributed sampler and data order
+    assert distributed.init_from_env(timeout_s=60) == (world > 1)
+    assert distributed.world_size() == world
     with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(fn(*args), f)  # our own results: numpy arrays, tensors, dicts
     distributed.shutdown()
@@ -123,7 +123,7 @@ def _loss_and_grads(kind, x, y):
 def _rank_loss_and_grads(kind):
     x, y = _global_batch()
     lo, hi = distributed.shard_bounds(len(x))
-    with distributed.global_batch():
+    with global_batch():
         loss, grads = _loss_and_grads(kind, x[lo:hi], y[lo:hi])
     for g in grads:  # what DDP does: the mean of the ranks' gradients
         distributed.all_reduce_sum_(g).div_(distributed.world_size())
@@ -147,7 +147,7 @@ def test_gathered_loss_and_gradients_equal_global_loss(kind, tmp_path):
 
 def test_without_process_group_the_loss_is_local():
     x, y = _global_batch()
-    with distributed.global_batch():
+    with global_batch():
         loss, _ = _loss_and_grads("infonce", x, y)
     assert float(loss) == pytest.approx(float(_loss_and_grads("infonce", x, y)[0]), abs=0)
 
@@ -396,3 +396,46 @@ def test_sharded_index_build_and_update_equal_one_process(tmp_path):
     # each rank embedded its half: 12 of 24 at build, half of the routed-changed items at update
     assert [r["embedded_here"][0] for r in ranks] == [12, 12]
     assert sum(r["embedded_here"][1] for r in ranks) == ref["reembedded"]
+
+
+# --- import direction (DESIGN.md: arrows point one way) -----------------------------------------
+def _imported_modules(path, package):
+    """Every module a source file imports (relative imports resolved against ``package``)."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            module = ".".join(base) if node.level else ""
+            yield ".".join(filter(None, [module, node.module or ""]))
+
+
+def test_layers_below_train_never_import_train_or_methods():
+    import cmrkit
+
+    root = os.path.dirname(cmrkit.__file__)
+    from pathlib import Path
+
+    low = ["backbones", "adapters", "merging", "routing", "data", "eval", "index"]
+    files = [p for part in low for p in sorted((Path(root) / part).rglob("*.py"))]
+    files.append(Path(root) / "distributed.py")
+    assert len(files) > 20
+    offending = []
+    for path in files:
+        package = ".".join(["cmrkit", *path.relative_to(root).parent.parts])
+        for module in _imported_modules(path, package):
+            if module.startswith(("cmrkit.train", "cmrkit.methods")):
+                offending.append(f"{path.relative_to(root)}: {module}")
+    assert offending == []
+    # the neutral module stands on torch alone
+    neutral = set(_imported_modules(Path(root) / "distributed.py", "cmrkit"))
+    assert not [m for m in neutral if m.startswith("cmrkit")]
+
+
+def test_a_plain_process_joins_no_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert distributed.init_from_env() is False
+    assert not distributed.is_active() and distributed.world_size() == 1

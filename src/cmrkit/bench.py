@@ -24,6 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed
 from .backbones import load_backbone
 from .data.dataset import ImageCaptionDataset
 from .data.suites import CONFIG_DIR, Suite, load_suite
@@ -53,7 +54,6 @@ from .eval.zeroshot import DEFAULT_TEMPLATES, accuracy_from_ranks, classificatio
 from .methods import METHODS, TaskContext, _load_all, build_method  # noqa: F401  (registry)
 from .methods.base import check_options
 from .routing import RoutedEncoder
-from .train import distributed
 from .train.loop import TrainConfig, check_train_setting, train_task
 from .utils import (
     NonFiniteError,

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     for register in _extra_commands():
         register(sub)
     args = parser.parse_args(argv)
-    from .train import distributed
+    from . import distributed
     from .utils import quiet_transformers
 
     quiet_transformers()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..train.distributed import shard_map
+from ..distributed import shard_map
 from ..utils import check_finite
 
 Recall = dict[str, dict[str, float]]

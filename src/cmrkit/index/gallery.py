@@ -48,7 +48,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from torch import Tensor, nn
 
-from ..train import distributed
+from .. import distributed
 
 FORMAT = "cmrkit-gallery-index/2"  # /2: checksums; /1 (none) still loads
 FORMATS = ("cmrkit-gallery-index/1", FORMAT)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..backbones.base import DualEncoder, TextBatch
-from ..train import distributed
+from ..train.distributed import gather_with_grad, gathering
 from ..train.losses import contrastive_loss
 from .base import ContinualMethod, TaskContext
 
@@ -51,9 +52,9 @@ def similarity_matrices(image_emb: Tensor, text_emb: Tensor) -> SimilarityPair:
     """Cosine similarities of L2-normalised embeddings: row i of image→text is image i against
     every caption, row i of text→image is caption i against every image. In a global batch
     (torchrun) a rank holds its own rows against every rank's columns."""
-    if distributed.gathering():
-        all_images = distributed.gather_with_grad(image_emb)
-        all_texts = distributed.gather_with_grad(text_emb)
+    if gathering():
+        all_images = gather_with_grad(image_emb)
+        all_texts = gather_with_grad(text_emb)
         return image_emb @ all_texts.t(), text_emb @ all_images.t()
     i2t = image_emb @ text_emb.t()
     return i2t, i2t.t()
@@ -94,7 +95,7 @@ def row_kl(target: Tensor, logits: Tensor, reduction: str = "sum") -> Tensor:
     sum is scaled by the number of ranks, so that DDP's mean over ranks is the global sum."""
     kl = F.kl_div(F.log_softmax(logits.float(), dim=1), target.float(), reduction="none").sum(1)
     if reduction == "sum":
-        return kl.sum() * (distributed.world_size() if distributed.gathering() else 1)
+        return kl.sum() * (distributed.world_size() if gathering() else 1)
     if reduction == "mean":
         return kl.mean()
     raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..backbones.base import DualEncoder, TextBatch
-from ..train import distributed
 from ..train.loop import make_loader
 from ..train.losses import contrastive_loss
 from .base import ContinualMethod, TaskContext, register

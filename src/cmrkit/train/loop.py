@@ -17,9 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.dataset import ImageCaptionDataset
 from ..utils import NonFiniteError, flush_denormals, seed_everything
-from . import distributed
+from . import distributed as ddp
 
 
 @dataclass
@@ -118,7 +119,7 @@ def make_loader(
     if batches is not None:
         order = {"batch_sampler": batches}
     else:
-        sampler = distributed.sampler(pairs, seed) if train else None  # None in one process
+        sampler = ddp.sampler(pairs, seed) if train else None  # None in one process
         order = {
             "batch_size": cfg.batch_size,
             "shuffle": train and sampler is None,
@@ -165,7 +166,7 @@ def train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: in
 
 def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: int) -> dict:
     task_seed = cfg.seed * 1000 + task_index
-    seed_everything(distributed.rank_seed(task_seed))  # dropout differs per rank
+    seed_everything(ddp.rank_seed(task_seed))  # dropout differs per rank
     backbone = method.backbone
     device = backbone.device
     loader = make_loader(ds, backbone, cfg, task_seed)
@@ -180,7 +181,7 @@ def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: i
     warmup = int(cfg.warmup_epochs * steps_per_epoch) if cfg.epochs > cfg.warmup_epochs else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
     use_amp = cfg.amp and device.type == "cuda"
-    training_loss = distributed.training_step(method, params)  # DDP-wrapped under torchrun
+    training_loss = ddp.training_step(method, params)  # DDP-wrapped under torchrun
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     method.train_mode(True)
@@ -196,12 +197,12 @@ def _train_task(method, ds: ImageCaptionDataset, cfg: TrainConfig, task_index: i
     epoch = 0
     while step < total:
         loader.dataset.epoch = epoch
-        distributed.set_epoch(loader, epoch)
+        ddp.set_epoch(loader, epoch)
         for pixels, tokens, captions in loader:
             pixels = pixels.to(device)
             tokens = {k: v.to(device) for k, v in tokens.items()}
             ends_step = (micro + 1) % cfg.grad_accum == 0
-            with distributed.no_sync(training_loss, ends_step):  # DDP syncs on a step's last
+            with ddp.no_sync(training_loss, ends_step):  # DDP syncs on a step's last
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     extra = (captions,) if method.reads_captions else ()  # labels as text
                     terms = training_loss(pixels, tokens, *extra)
