@@ -39,6 +39,8 @@ PRETRAIN_HELP = {
     "crop_pad": "images are stored this many pixels larger and randomly cropped",
     "cls_domains": "build cmrkit-mini-cls: add cmr-cls's pretraining half of icon themes and "
     "fonts (configs/domains/cmr-cls.yaml); written to cmrkit-mini-cls-vision.safetensors",
+    "cls_weight": "with --cls-domains: draw a domain's images this many times as often, "
+    "e.g. icons=4 or icons=4,glyphs=2 (default: every image alike)",
 }
 
 
