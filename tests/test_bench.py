@@ -1,52 +1,20 @@
 import json
-import textwrap
 
 import pytest
+from conftest import tiny_bench_config, write_tiny_suite
 
 import cmrkit.bench as bench_module
-from cmrkit.bench import BenchConfig, run_bench
+from cmrkit.bench import run_bench
 from cmrkit.cli import main
-
-SUITE = textwrap.dedent("""
-    name: tiny
-    order: given
-    tasks:
-      - {name: flat, train: {synthetic: {style: flat, n: 24, seed: 1}},
-         test: {synthetic: {style: flat, n: 16, seed: 11}}}
-      - {name: pixel, train: {synthetic: {style: pixel, n: 24, seed: 2}},
-         test: {synthetic: {style: pixel, n: 16, seed: 12}}}
-    probes:
-      classification:
-        - {name: shapes, test: {synthetic: {style: flat, n: 16, seed: 21}}}
-        - {name: colours, test: {synthetic: {style: flat, n: 16, seed: 21, label: colour}},
-           templates: ["a {} shape."]}
-      retrieval:
-        - {name: dark, test: {synthetic: {style: dark, n: 12, seed: 22}}}
-""")
-TRAIN = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0, "progress": False}
 
 
 @pytest.fixture
 def suite_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(SUITE)
-    return path
-
-
-def _config(suite_yaml, out, **kw):
-    return BenchConfig(
-        suite=str(suite_yaml),
-        methods=["zeroshot", "finetune"],
-        out=str(out),
-        backbone="tiny-mini",
-        train_overrides=dict(TRAIN),
-        templates=["a photo of a {}."],
-        **kw,
-    )
+    return write_tiny_suite(tmp_path, probes=("shapes", "colours", "dark"))
 
 
 def test_results_schema_and_report(suite_yaml, tmp_path):
-    results = run_bench(_config(suite_yaml, tmp_path / "run"))
+    results = run_bench(tiny_bench_config(suite_yaml, tmp_path / "run"))
     assert results["tasks"] == ["flat", "pixel"]
     for record in results["methods"].values():
         m = record["recall"]["t2i"]["R@1"]
@@ -72,7 +40,7 @@ def test_results_schema_and_report(suite_yaml, tmp_path):
 
 
 def test_resume_after_a_crash_mid_task_gives_identical_metrics(suite_yaml, tmp_path, monkeypatch):
-    reference = run_bench(_config(suite_yaml, tmp_path / "ref"))
+    reference = run_bench(tiny_bench_config(suite_yaml, tmp_path / "ref"))
 
     real_train = bench_module.train_task
 
@@ -83,13 +51,13 @@ def test_resume_after_a_crash_mid_task_gives_identical_metrics(suite_yaml, tmp_p
 
     monkeypatch.setattr(bench_module, "train_task", crash_in_second_task)
     with pytest.raises(KeyboardInterrupt):
-        run_bench(_config(suite_yaml, tmp_path / "crashed"))
+        run_bench(tiny_bench_config(suite_yaml, tmp_path / "crashed"))
     progress = json.loads((tmp_path / "crashed/checkpoints/zeroshot/progress.json").read_text())
     assert progress["done"] == 2  # zeroshot never trains, so it finished
     assert (tmp_path / "crashed/checkpoints/finetune/progress.json").exists()
 
     monkeypatch.setattr(bench_module, "train_task", real_train)
-    resumed = run_bench(_config(suite_yaml, tmp_path / "crashed", resume=True))
+    resumed = run_bench(tiny_bench_config(suite_yaml, tmp_path / "crashed", resume=True))
     for name in ("zeroshot", "finetune"):
         assert resumed["methods"][name]["recall"] == reference["methods"][name]["recall"]
         assert resumed["methods"][name]["metrics"] == reference["methods"][name]["metrics"]
@@ -103,6 +71,6 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
 
 
 def test_a_probe_keeps_its_own_prompt_templates(suite_yaml, tmp_path):
-    bench = bench_module.Bench(_config(suite_yaml, tmp_path / "run"))
+    bench = bench_module.Bench(tiny_bench_config(suite_yaml, tmp_path / "run"))
     assert bench.templates("colours") == ["a {} shape."]
     assert bench.templates("shapes") == ["a photo of a {}."]  # the run's

@@ -4,54 +4,27 @@ from __future__ import annotations
 
 import json
 import statistics
-import textwrap
 
 import pytest
 import torch
+from conftest import bench_argv, tiny_bench_config, write_tiny_suite
 
-from cmrkit.bench import BenchConfig, run_bench
+from cmrkit.bench import run_bench
 from cmrkit.cli import main
 from cmrkit.eval.bootstrap import BootstrapConfig, load_ranks, rank_key, recall_interval
 from cmrkit.eval.report import render_markdown, write_report
 from cmrkit.eval.schema import load_results, validate_results
 
-SUITE = textwrap.dedent("""
-    name: tiny
-    order: given
-    tasks:
-      - {name: flat, train: {synthetic: {style: flat, n: 24, seed: 1}},
-         test: {synthetic: {style: flat, n: 16, seed: 11}}}
-      - {name: pixel, train: {synthetic: {style: pixel, n: 24, seed: 2}},
-         test: {synthetic: {style: pixel, n: 16, seed: 12}}}
-    probes:
-      classification:
-        - {name: shapes, test: {synthetic: {style: flat, n: 16, seed: 21}}}
-      retrieval:
-        - {name: dark, test: {synthetic: {style: dark, n: 12, seed: 22}}}
-""")
-TRAIN = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0, "progress": False}
-
 
 @pytest.fixture(scope="module")
 def suite_yaml(tmp_path_factory):
-    path = tmp_path_factory.mktemp("suite") / "tiny.yaml"
-    path.write_text(SUITE)
-    return path
+    return write_tiny_suite(tmp_path_factory.mktemp("suite"))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(suite_yaml, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    run_bench(
-        BenchConfig(
-            suite=str(suite_yaml),
-            methods=["zeroshot", "finetune"],
-            out=str(out),
-            backbone="tiny-mini",
-            train_overrides=dict(TRAIN),
-            templates=["a photo of a {}."],
-        )
-    )
+    run_bench(tiny_bench_config(suite_yaml, out))
     return out
 
 
@@ -122,9 +95,8 @@ def test_report_shows_top_level_skipped_items_and_failed_methods(tiny_run):
 
 def test_seeds_aggregate_to_hand_computed_mean_and_std(suite_yaml, tmp_path, capsys):
     out = tmp_path / "seeds"
-    argv = ["bench", "--suite", str(suite_yaml), "--methods", "finetune", "--out", str(out)]
-    argv += ["--backbone", "tiny-mini", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
-    assert main([*argv, "--no-progress", "--seeds", "0,1"]) == 0
+    argv = bench_argv(suite_yaml, out, "finetune", "--epochs", "1", "--batch-size", "8")
+    assert main([*argv, "--lr", "1e-3", "--seeds", "0,1"]) == 0
     runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
     agg = json.loads((out / "results.json").read_text())
     assert agg["seeds"] == [0, 1] and agg["seed_runs"] == {"0": "seed-0", "1": "seed-1"}
@@ -182,14 +154,7 @@ def test_a_resumed_run_has_the_same_intervals_and_comparisons(suite_yaml, tiny_r
             raise KeyboardInterrupt("killed")
         return real_train(method, ds, cfg, task_index)
 
-    cfg = BenchConfig(
-        suite=str(suite_yaml),
-        methods=["zeroshot", "finetune"],
-        out=str(tmp_path / "crashed"),
-        backbone="tiny-mini",
-        train_overrides=dict(TRAIN),
-        templates=["a photo of a {}."],
-    )
+    cfg = tiny_bench_config(suite_yaml, tmp_path / "crashed")
     bench_module.train_task = crash_in_second_task
     try:
         with pytest.raises(KeyboardInterrupt):
