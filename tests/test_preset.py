@@ -166,3 +166,40 @@ def test_bad_validation_is_one_line_and_exit_2(suite, tmp_path, capsys, extra, m
     code = main(bench_args(suite, tmp_path / "run", *extra, methods="zeroshot"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+# --- benchmarks/reference_sweep.py: the evidence behind the preset ------------------------------
+def _sweep_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "reference_sweep.py"
+    spec = importlib.util.spec_from_file_location("reference_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_gain_is_diagonal_minus_zeroshot_and_paired(suite, tmp_path):
+    from cmrkit.eval.bootstrap import BootstrapConfig
+
+    sweep = _sweep_module()
+    zs, ft = tmp_path / "zs", tmp_path / "ft"
+    common = ["--validation", "0.5", "--lr", "1e-2", "--batch-size", "4"]
+    assert main(bench_args(suite, zs, *common, methods="zeroshot")) == 0
+    assert main(bench_args(suite, ft, *common, methods="finetune")) == 0
+    tasks = ["flat", "pixel"]
+    cfg = BootstrapConfig(n_boot=200)
+    gain, reps = sweep.gains(zs, ft, "finetune", tasks, cfg)
+    zs_rec = json.loads((zs / "results.json").read_text())["methods"]["zeroshot"]["recall"]
+    ft_rec = json.loads((ft / "results.json").read_text())["methods"]["finetune"]["recall"]
+    for t in range(2):
+        hand = sum(ft_rec[d]["R@1"][t][t] - zs_rec[d]["R@1"][t][t] for d in ("t2i", "i2t")) / 2
+        assert gain[t] == pytest.approx(hand)
+        lo, hi = sweep.interval(reps[:, t])
+        assert lo <= gain[t] + 1e-9 and gain[t] - 1e-9 <= hi
+    assert reps.std(0).max() > 0  # resampling acts
+    same, same_reps = sweep.gains(zs, zs, "zeroshot", tasks, cfg)
+    assert (same == 0).all() and (same_reps == 0).all()  # paired: itself exactly zero
+    _, table = sweep.rows(zs, [ft], cfg)
+    assert table[1].startswith(f"| ft | finetune | 0.01 | 20 | {sweep.fmt(gain[0], reps[:, 0])}")
