@@ -4,13 +4,13 @@ in one ``cmrkit X: error: ...`` line with exit code 2, progress while the backbo
 import argparse
 import subprocess
 import sys
-import textwrap
 
 import pytest
+from conftest import tiny_bench_config, write_tiny_suite
 
 import cmrkit
 from cmrkit import cli
-from cmrkit.bench import BenchConfig, run_bench
+from cmrkit.bench import run_bench
 
 MARKUP = ("``", ":func:", ":class:", ":meth:", "**")
 
@@ -124,30 +124,11 @@ def test_a_broken_cmrkit_import_is_not_disguised_as_a_user_error(monkeypatch):
         cli.main(["eval"])
 
 
-SUITE = textwrap.dedent("""
-    name: tiny
-    order: zs
-    tasks:
-      - {name: flat, train: {synthetic: {style: flat, n: 8, seed: 1}},
-         test: {synthetic: {style: flat, n: 8, seed: 11}}}
-      - {name: pixel, train: {synthetic: {style: pixel, n: 8, seed: 2}},
-         test: {synthetic: {style: pixel, n: 8, seed: 12}}}
-    probes:
-      classification:
-        - {name: shapes, test: {synthetic: {style: flat, n: 8, seed: 21}}}
-""")
-
-
 @pytest.mark.parametrize("progress", [True, False])
 def test_the_zero_shot_evaluation_shows_progress_as_training_does(progress, tmp_path, capsys):
-    (tmp_path / "tiny.yaml").write_text(SUITE)
-    cfg = BenchConfig(
-        suite=str(tmp_path / "tiny.yaml"),
-        methods=["zeroshot"],
-        out=str(tmp_path / "run"),
-        backbone="tiny-mini",
-        train_overrides={"progress": progress},
-        templates=["a photo of a {}."],
+    suite = write_tiny_suite(tmp_path, train=8, test=8, probes=("shapes",), order="zs")
+    cfg = tiny_bench_config(
+        suite, tmp_path / "run", ["zeroshot"], train_overrides={"progress": progress}
     )
     run_bench(cfg)
     err = capsys.readouterr().err
