@@ -6,6 +6,7 @@ their median, so slow drifts in machine load hit all cases alike and ratios stay
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -54,6 +55,36 @@ def pick_device(name: str | None) -> torch.device:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# --- a model benchmark's command line and start ---------------------------------------------------
+def model_bench_parser(doc: str, models: str, batch_help: str, repeats_help: str | None = None):
+    """The options of a model benchmark: --models, --quick, --batch-size, --repeats, --threads,
+    --device (the script adds its own)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--models", default=models, help="embedded and/or vitb16")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    p.add_argument("--repeats", type=int, default=None, help=repeats_help)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default=None)
+    return p
+
+
+def start(name: str, args: argparse.Namespace) -> torch.device:
+    """Torch threads and the device from ``args``; prints the report's title and machine line."""
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    print(f"# {name}\nmachine: {machine(device)}; clock: {clock_name(device)}")
+    return device
+
+
+def model_inputs(which: str, batch: int, device: torch.device):
+    """``(backbone, label, pixels, tokens)``: the model in eval mode on ``device`` and one batch
+    of images and captions for it."""
+    backbone, label = load_model(which)
+    backbone = backbone.to(device).eval()
+    return backbone, label, images(backbone, batch, device), texts(backbone, batch, device)
 
 
 # --- models -----------------------------------------------------------------------------------

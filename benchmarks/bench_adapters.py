@@ -15,7 +15,6 @@ inference row should match MMA's.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import sys
@@ -24,16 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    clock_name,
-    images,
-    load_model,
-    machine,
-    pick_device,
-    table,
-    texts,
-    time_cases,
-)
+from _common import model_bench_parser, model_inputs, start, table, time_cases  # noqa: E402
 from bench_memory import MB, PeakTracker  # noqa: E402
 
 from cmrkit.methods import TaskContext, build_method  # noqa: E402
@@ -43,19 +33,11 @@ METHODS = ("lora_ft", "mma", "rmadapter_norec", "rmadapter")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="embedded", help="embedded and/or vitb16")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 (quick 8)")
-    p.add_argument("--repeats", type=int, default=None, help="default 7 (quick 3)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default=None)
+    p = model_bench_parser(__doc__, "embedded", "default 32 (quick 8)", "default 7 (quick 3)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = start("bench_adapters", args)
     batch = args.batch_size or (8 if args.quick else 32)
     repeats = args.repeats or (3 if args.quick else 7)
-    print(f"# bench_adapters\nmachine: {machine(device)}; clock: {clock_name(device)}")
     print(f"batch {batch} images + {batch} texts; medians of {repeats} round-robin repeats.\n")
     for which in args.models.split(","):
         run_model(which.strip(), batch, repeats, device)
@@ -69,9 +51,7 @@ def _method(backbone, name: str, batch: int, device):
 
 
 def run_model(which: str, batch: int, repeats: int, device: torch.device) -> None:
-    backbone, label = load_model(which)
-    backbone = backbone.to(device).eval()
-    pixels, tokens = images(backbone, batch, device), texts(backbone, batch, device)
+    backbone, label, pixels, tokens = model_inputs(which, batch, device)
     methods = {name: _method(backbone, name, batch, device) for name in METHODS}
     optims = {
         n: torch.optim.AdamW(list(m.trainable_parameters()), lr=1e-4)

@@ -9,7 +9,6 @@ timed with 1 adapter and with 4 (training the last, the others frozen, as DAR do
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -18,34 +17,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    clock_name,
-    images,
-    load_model,
-    machine,
-    pick_device,
-    table,
-    texts,
-    time_cases,
-)
+from _common import model_bench_parser, model_inputs, start, table, time_cases  # noqa: E402
 
 from cmrkit.adapters import LoRABankLinear, inject_lora_bank  # noqa: E402
 from cmrkit.train.losses import clip_loss  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="embedded,vitb16")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--batch-size", type=int, default=None, help="default 64 (ViT-B: 16, quick 4)")
-    p.add_argument("--repeats", type=int, default=None)
+    p = model_bench_parser(__doc__, "embedded,vitb16", "default 64 (ViT-B: 16, quick 4)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    print(f"# bench_train_step\nmachine: {machine(device)}; clock: {clock_name(device)}")
+    device = start("bench_train_step", args)
     print("medians of round-robin repeats; other jobs share this machine.\n")
     rows, verdicts = [], []
     for which in args.models.split(","):
@@ -58,10 +40,10 @@ def main() -> None:
 
 
 def run_model(which: str, args, device: torch.device):
-    backbone, label = load_model(which)
     big = which == "vitb16"
     batch = args.batch_size or ((4 if args.quick else 16) if big else (32 if args.quick else 64))
     repeats = args.repeats or (2 if big and args.quick else 5)
+    backbone, label, x_img, x_txt = model_inputs(which, batch, device)
     targets = list(backbone.lora_targets)
     models = {
         "PEFT LoRA": _peft(copy.deepcopy(backbone), targets, args.rank),
@@ -71,7 +53,6 @@ def run_model(which: str, args, device: torch.device):
     counts = {name: _lora_layers(m) for name, m in models.items()}
     if len(set(counts.values())) != 1:
         raise RuntimeError(f"wrapped layer counts differ: {counts}")
-    x_img, x_txt = images(backbone, batch, device), texts(backbone, batch, device)
     steps = {name: _stepper(m.to(device), x_img, x_txt) for name, m in models.items()}
     secs = time_cases(steps, repeats, device, warmup=1)
     ref = secs["PEFT LoRA"]
