@@ -5,38 +5,27 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import bench_argv, write_tiny_suite
 
 from cmrkit.cli import main
 
-SUITE = textwrap.dedent("""
-    name: tiny
-    order: given
-    tasks:
-      - {name: flat, train: {synthetic: {style: flat, n: 8, seed: 1}},
-         test: {synthetic: {style: flat, n: 6, seed: 11}}}
-      - {name: pixel, train: {synthetic: {style: pixel, n: 8, seed: 2}},
-         test: {synthetic: {style: pixel, n: 6, seed: 12}}}
-""")
-TWIN = SUITE.replace("name: pixel", "name: flat")
-BASE = [
-    "--backbone", "tiny-mini", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3",
-    "--eval-batch-size", "32", "--no-progress",
-]  # fmt: skip
+BASE = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--eval-batch-size", "32"]
+
+
+def write_suite(folder: Path, **changes) -> Path:
+    return write_tiny_suite(folder, train=8, test=6, probes=(), **changes)
 
 
 @pytest.fixture
 def suite(tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(SUITE)
-    return path
+    return write_suite(tmp_path)
 
 
 def bench(suite: Path, out: Path, *extra: str, methods: str = "zeroshot,finetune") -> list[str]:
-    return ["bench", "--suite", str(suite), "--methods", methods, "--out", str(out), *BASE, *extra]
+    return bench_argv(suite, out, methods, *BASE, *extra)
 
 
 def refused(args: list[str], capsys) -> str:
@@ -88,8 +77,7 @@ def test_a_bad_argument_is_one_line_and_nothing_runs(suite, tmp_path, capsys, ex
 
 
 def test_duplicate_task_names_are_refused(tmp_path, capsys):
-    twin = tmp_path / "twin.yaml"
-    twin.write_text(TWIN)
+    twin = write_suite(tmp_path, styles=("flat", "flat"), name="twin")
     line = refused(bench(twin, tmp_path / "run"), capsys)
     assert f"{twin}: tasks: duplicate task names ['flat']" in line  # found by the suite reader
 
@@ -139,8 +127,7 @@ def test_resume_refuses_other_settings(suite, stored, capsys, extra, difference)
 
 
 def test_resume_refuses_another_suite_and_new_methods(suite, stored, tmp_path, capsys):
-    other = tmp_path / "other.yaml"
-    other.write_text(SUITE.replace("name: tiny", "name: other"))
+    other = write_suite(tmp_path, name="other")
     line = refused(bench(other, stored, "--resume"), capsys)
     assert f"suite '{suite}' -> '{other}'" in line
     line = refused(bench(suite, stored, "--resume", methods="zeroshot,finetune,dar"), capsys)
