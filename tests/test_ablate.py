@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
+from conftest import write_tiny_suite
 
 from cmrkit.ablate import AblationConfig, RunSettings, run_ablation
 
@@ -13,24 +13,7 @@ TRAIN = {"max_steps": 2, "batch_size": 8, "warmup_epochs": 0, "progress": False,
 
 
 def _suite(folder):
-    def source(style, n, seed):
-        return {"synthetic": {"style": style, "n": n, "seed": seed, "size": 32}}
-
-    suite = {
-        "name": "tiny",
-        "order": "given",
-        "tasks": [
-            {"name": s, "train": source(s, 12, i), "test": source(s, 10, 50 + i)}
-            for i, s in enumerate(("flat", "outline"))
-        ],
-        "probes": {
-            "classification": [{"name": "shapes", "test": source("flat", 8, 99)}],
-            "retrieval": [{"name": "dark", "test": source("dark", 8, 98)}],
-        },
-    }
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(suite))
-    return str(path)
+    return str(write_tiny_suite(folder, styles=("flat", "outline"), train=12, test=10, size=32))
 
 
 def _run(tmp_path, name):

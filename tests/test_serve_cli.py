@@ -9,28 +9,17 @@ import sys
 import time
 
 import pytest
-import yaml
+from conftest import write_tiny_suite
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 
 def _tiny_suite(folder) -> str:
-    def source(style, n, seed):
-        return {"synthetic": {"style": style, "n": n, "seed": seed, "size": 32}}
-
-    suite = {
-        "name": "tiny",
-        "order": "given",
-        "tasks": [
-            {"name": s, "train": source(s, 12, i), "test": source(s, 8, 50 + i)}
-            for i, s in enumerate(("flat", "outline"))
-        ],
-        "probes": {"classification": [{"name": "shapes", "test": source("flat", 8, 99)}]},
-    }
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(suite))
-    return str(path)
+    styles = ("flat", "outline")
+    return str(
+        write_tiny_suite(folder, styles=styles, train=12, test=8, probes=("shapes",), size=32)
+    )
 
 
 def _port() -> int:
