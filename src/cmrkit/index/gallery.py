@@ -238,6 +238,12 @@ def _concat_routes(routes: Sequence[RouteLike]) -> RouteLike | None:
     return type(first)(indices=cat("indices"), weights=cat("weights"))
 
 
+def domain_of(item_id: str) -> str:
+    """An item's domain: its id's prefix before the first '/' ('' without one); ``index build``
+    names items ``<task>/<id>`` and the search service ``<domain>/<hash>``."""
+    return item_id.split("/", 1)[0] if "/" in item_id else ""
+
+
 # --- the index --------------------------------------------------------------------------------
 @dataclass
 class UpdateStats:
@@ -346,7 +352,7 @@ class GalleryIndex:
         self.route_weights = np.concatenate([self.route_weights, w])
         self.features = np.concatenate([self.features, feat])
         self.embeddings = np.concatenate([self.embeddings, emb])
-        self._cpu.add_with_ids(emb, keys)
+        self._store_add(np.arange(start, start + n))
         for j, (item_id, key) in enumerate(zip(ids, keys.tolist())):
             self._row_of[item_id] = start + j
             self._key_row[key] = start + j
@@ -379,8 +385,35 @@ class GalleryIndex:
         self.route_indices[rows], self.route_weights[rows] = idx, w
         self.embeddings[rows] = emb
         self._cpu.remove_ids(self.keys[rows])
-        self._cpu.add_with_ids(emb, self.keys[rows])
+        self._store_add(rows)
         self._gpu_index = None
+
+    def _store_add(self, rows: np.ndarray) -> None:
+        """Hand rows to the vector store: FAISS takes vectors and keys; a store with
+        ``add_items`` (Milvus) also takes each item's metadata, to filter on it and to serve
+        readers without the index's side files."""
+        keys, emb = self.keys[rows], self.embeddings[rows]
+        if not hasattr(self._cpu, "add_items"):
+            self._cpu.add_with_ids(emb, keys)
+            return
+        ids = [self.ids[r] for r in rows]
+        self._cpu.add_items(
+            keys,
+            emb,
+            ids=ids,
+            domains=[domain_of(i) for i in ids],
+            paths=[self.paths[r] for r in rows],
+            captions=[self.captions[r] for r in rows],
+            route_indices=self.route_indices[rows],
+            route_weights=self.route_weights[rows],
+            features=self.features[rows],
+        )
+
+    def publish(self) -> None:
+        """Make the writes so far what the vector store's readers see: a Milvus store moves its
+        alias to the new version in one step (FAISS lives in this process: nothing to do)."""
+        if hasattr(self._cpu, "publish"):
+            self._cpu.publish()
 
     def _widen(self, width: int) -> None:
         pad = width - self.route_indices.shape[1]
@@ -404,24 +437,65 @@ class GalleryIndex:
         return self._gpu_index
 
     def search(
-        self, query: Tensor | np.ndarray, k: int = 10, rows: np.ndarray | None = None
+        self,
+        query: Tensor | np.ndarray,
+        k: int = 10,
+        rows: np.ndarray | None = None,
+        domain: str | None = None,
+        adapter: str | None = None,
     ) -> tuple[list[list[str]], np.ndarray]:
-        """Top-``k`` ids and cosine scores per query row (a 1-D query is one row). ``rows``: search
-        only these rows (a FAISS ID selector on the flat index: a pre-filter, exact top-k)."""
+        """Top-``k`` ids and cosine scores per query row (a 1-D query is one row). Pre-filters
+        (exact top-k among what they keep): ``rows``, ``domain`` (:func:`domain_of` an id) and
+        ``adapter`` (a name: items routed to it). FAISS filters with an ID selector; a store that
+        holds the metadata (Milvus) filters on it inside its own search."""
         q = np.atleast_2d(np.asarray(torch.as_tensor(query).float().cpu()))
         q = _normalised(q, self.dim, "queries", [f"query {i}" for i in range(len(q))])
-        k = min(int(k), len(self) if rows is None else len(rows))
+        by_meta = domain is not None or adapter is not None
+        adapter_index = None if adapter is None else self._adapter_index(adapter)
+        if by_meta:
+            keep = self._filter_mask(domain, adapter_index, rows)
+            k = min(int(k), int(keep.sum()))
+        else:
+            k = min(int(k), len(self) if rows is None else len(rows))
         if k <= 0:
             return [[] for _ in range(len(q))], np.zeros((len(q), 0), dtype=np.float32)
-        index = self._search_index() if rows is None else self._cpu
-        if rows is None:
-            scores, labels = index.search(q, k)
+        if by_meta and hasattr(self._cpu, "search_where"):
+            keys = None if rows is None else self.keys[np.asarray(rows, dtype=np.int64)]
+            expr = self._cpu.where(domain=domain, adapter=adapter_index, keys=keys)
+            index = self._cpu
+            scores, labels = index.search_where(q, k, expr)
         else:
-            keys = self.keys[np.asarray(rows, dtype=np.int64)]
-            scores, labels = _search_keys(index, q, k, keys)
+            rows = np.flatnonzero(keep) if by_meta else rows
+            index = self._search_index() if rows is None else self._cpu
+            if rows is None:
+                scores, labels = index.search(q, k)
+            else:
+                keys = self.keys[np.asarray(rows, dtype=np.int64)]
+                scores, labels = _search_keys(index, q, k, keys)
         row = (lambda label: label) if index is not self._cpu else self._key_row.__getitem__
         ids = [[self.ids[row(int(lab))] for lab in labs if lab >= 0] for labs in labels]
         return ids, scores
+
+    def _adapter_index(self, name: str) -> int:
+        names = list(self.fingerprint.get("names") or [])
+        if name not in names:
+            raise ValueError(f"search: no adapter {name!r} in the index (adapters: {names})")
+        return names.index(name)
+
+    def _filter_mask(
+        self, domain: str | None, adapter: int | None, rows: np.ndarray | None
+    ) -> np.ndarray:
+        """The rows a search may return: of ``domain``, routed to ``adapter``, among ``rows``."""
+        keep = np.ones(len(self), dtype=bool)
+        if domain is not None:
+            keep &= np.array([domain_of(i) == domain for i in self.ids], dtype=bool)
+        if adapter is not None:
+            keep &= (self.route_indices == adapter).any(1)
+        if rows is not None:
+            among = np.zeros(len(self), dtype=bool)
+            among[np.asarray(rows, dtype=np.int64)] = True
+            keep &= among
+        return keep
 
     def embedding(self, item_id: str) -> np.ndarray:
         """The stored routed embedding of an item, as FAISS holds it."""
@@ -647,6 +721,7 @@ class GalleryIndex:
             raise
         _write_pointer(root, name)  # the commit point
         self.version = name
+        self.publish()  # then the vector store's readers move to it
         _remove_stale(root, keep=name)
         return root / name
 
@@ -674,8 +749,9 @@ class GalleryIndex:
             setattr(index, field_name, arrays[field_name])
         if not (len(index.ids) == len(index.keys) == len(index.embeddings)):
             raise ValueError(f"{folder}: ids and arrays differ in length")
-        index._cpu.add_with_ids(index.embeddings, index.keys)
+        index._store_add(np.arange(len(index.ids)))
         index._reindex()
+        index.publish()  # a store filled from files serves that version
         return index
 
 
