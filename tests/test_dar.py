@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-import yaml
+from conftest import write_tiny_suite
 
 from cmrkit.ablate import AblationConfig, RunSettings, run_ablation
 from cmrkit.adapters import AdapterRouting, inject_lora_bank
@@ -216,21 +216,9 @@ TRAIN = {"max_steps": 1, "batch_size": 8, "warmup_epochs": 0, "progress": False}
 
 
 def _tiny_suite(folder):
-    def source(style, n, seed):
-        return {"synthetic": {"style": style, "n": n, "seed": seed, "size": 32}}
-
-    suite = {
-        "name": "tiny",
-        "order": "given",
-        "tasks": [
-            {"name": s, "train": source(s, 12, i), "test": source(s, 8, 50 + i)}
-            for i, s in enumerate(STYLES[:2])
-        ],
-        "probes": {"classification": [{"name": "shapes", "test": source("flat", 8, 99)}]},
-    }
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(suite))
-    return str(path)
+    return str(
+        write_tiny_suite(folder, styles=STYLES[:2], train=12, test=8, probes=("shapes",), size=32)
+    )
 
 
 def test_bench_smoke(tmp_path):

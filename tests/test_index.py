@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_tiny_suite
 from PIL import Image
 from torch import Tensor
 
@@ -518,14 +519,8 @@ def test_recorded_backbone_needs_the_users_consent(gallery, tmp_path, monkeypatc
 
 
 # --- from a bench run to the index, on the command line -----------------------------------------
-TASK = "{{name: {0}, train: {{synthetic: {{style: {0}, n: 24, seed: {1}}}}}, test: {{synthetic: {{style: {0}, n: 16, seed: {2}}}}}}}"  # noqa: E501
-
-
 def _suite(tmp_path, styles: list[str]):
-    tasks = "\n".join(f"  - {TASK.format(s, i + 1, i + 11)}" for i, s in enumerate(styles))
-    path = tmp_path / f"{'-'.join(styles)}.yaml"
-    path.write_text(f"name: tiny\norder: given\ntasks:\n{tasks}\n")
-    return str(path)
+    return str(write_tiny_suite(tmp_path, styles=tuple(styles), probes=(), name="-".join(styles)))
 
 
 def test_bench_dar_bank_builds_updates_and_searches_an_index(tmp_path, capsys):
