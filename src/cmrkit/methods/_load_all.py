@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     cclip,
+    coop,
     dar,
     dar_mma,
     dkr,
