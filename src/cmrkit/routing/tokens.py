@@ -166,15 +166,21 @@ class RoutingRecorder:
             if self.mask is not None and self.mask.shape == top.shape:
                 top = top[self.mask.to(top.device).bool()]
             counts = torch.bincount(top.flatten().cpu(), minlength=K + 1)
-            prev = self.counts.get(name, torch.zeros(0, dtype=counts.dtype))
-            if len(prev) > len(counts):  # experts were added since: base model stays last
-                prev = torch.cat([prev[:-1], prev.new_zeros(len(prev) - len(counts)), prev[-1:]])
-            counts[: len(prev) - 1] += prev[:-1]
-            counts[-1] += prev[-1] if len(prev) else 0
-            self.counts[name] = counts
+            self.counts[name] = _add_counts(self.counts.get(name), counts)
 
         return record
 
     def share(self, expert: int) -> dict[str, float]:
         """Per layer, the share of counted tokens whose top-1 expert is ``expert``."""
         return {name: float(c[expert]) / max(1, int(c.sum())) for name, c in self.counts.items()}
+
+
+def _add_counts(prev: Tensor | None, counts: Tensor) -> Tensor:
+    """Sum of two per-expert counts (base model last) taken with different numbers of experts."""
+    if prev is None:
+        return counts
+    total = prev.new_zeros(max(len(prev), len(counts)))
+    for c in (prev, counts):
+        total[: len(c) - 1] += c[:-1]
+        total[-1] += c[-1]
+    return total

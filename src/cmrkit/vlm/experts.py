@@ -25,7 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from cmrkit.adapters import AdapterRouting, LoRABank, inject_lora_bank, matches_target
-from cmrkit.adapters.persistence import WEIGHTS_FILE, export_peft, load_bank, save_bank
+from cmrkit.adapters.persistence import (
+    WEIGHTS_FILE,
+    export_peft,
+    load_bank,
+    read_bank_meta,
+    save_bank,
+)
 from cmrkit.routing.tokens import ArrowRouter, ExpertGates, FixedMix
 from cmrkit.train.loop import check_train_setting, warmup_cosine
 from cmrkit.utils import NonFiniteError, derived_seed, seed_everything
@@ -149,7 +155,7 @@ def train_steps(
                 raise ValueError(f"{what}: a batch has no answer tokens (labels all -100)")
             loss = model(**batch).loss
             if not math.isfinite(float(loss.detach())):
-                raise NonFiniteError(f"{what}: non-finite loss {float(loss):g} at step {step + 1}")
+                raise NonFiniteError(f"{what}: non-finite loss {loss.item():g} at step {step + 1}")
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -336,7 +342,8 @@ class ExpertPool:
     @classmethod
     def load(cls, folder: str | Path, model: nn.Module, **options: Any) -> ExpertPool:
         """The pool saved in ``folder`` on ``model`` (the same base model, unwrapped)."""
-        model.requires_grad_(False)
+        # Wrap first: the saved fingerprint is that of the wrapped layers.
+        inject_lora_bank(model.requires_grad_(False), read_bank_meta(folder)["layers"])
         bank, tensors, meta = load_bank(folder, model)
         extra = meta["extra"]
         if extra.get("kind") != "cmrkit-vlm-experts":
