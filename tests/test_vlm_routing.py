@@ -464,3 +464,44 @@ def test_make_method_errors():
         make_method("seq_lora", tiny_llama(), top_k=3)
     with pytest.raises(ValueError, match="unknown router"), ExpertPool(tiny_llama()).routed("x"):
         pass
+
+
+class PlainVLM(nn.Module):
+    """A plain module like cmrkit's mini VLM: projected image features, then a causal LM on
+    ``inputs_embeds``; ``get_decoder()`` names the part that carries experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projector = nn.Linear(6, 32)
+        self.language_model = tiny_llama()
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.model
+
+    def forward(self, input_ids, attention_mask, image_features, labels=None):
+        image = self.projector(image_features)  # (B, 2, 32): two image tokens first
+        text = self.language_model.get_input_embeddings()(input_ids)
+        mask = torch.cat(
+            [torch.ones(image.shape[:2], dtype=attention_mask.dtype), attention_mask], 1
+        )
+        if labels is not None:
+            labels = torch.cat([torch.full(image.shape[:2], -100), labels], 1)
+        embeds = torch.cat([image, text], 1)
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+
+def test_a_plain_module_with_get_decoder_is_wrapped_and_routed():
+    model = PlainVLM().eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{**b, "image_features": torch.randn(3, 2, 6, generator=g)} for b in task_batches(0)]
+    method = make_method("phatgoose", model, rank=4, expert_config=FAST, gate_config=FAST)
+    method.learn_task("a", data)
+    names = sorted(method.pool.bank.layers)
+    assert len(names) == 14 and all(n.startswith("language_model.model.layers.") for n in names)
+    assert not any(isinstance(m, LoRABankLinear) for m in model.modules())  # a copy was wrapped
+    assert torch.equal(method.model.projector.weight, model.projector.weight)
+    with method.answering("a") as m:
+        routed = _logits(m, data[0])
+    with method.pool.routed("oracle", "a"):
+        assert (routed - _logits(method.model, data[0])).abs().max() < 1e-5  # K = 1
+    assert (routed - _logits(model, data[0])).abs().max() > 1e-4
