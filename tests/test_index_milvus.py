@@ -187,3 +187,21 @@ def test_bad_filters_and_missing_collections_are_clear_errors(world, tmp_path): 
     assert all(r == [] for r in ids) and scores.shape[1] == 0
     with pytest.raises(ValueError, match="no collection 'nope'"):
         MilvusVectors.open(str(tmp_path / "milvus.db"), "nope")
+
+
+def test_the_published_version_is_never_written_and_sizes_must_match(world, tmp_path):  # noqa: F811
+    uri = str(tmp_path / "milvus.db")
+    store = MilvusVectors(uri, "g", 4, 3)
+    store.add_with_ids(np.eye(4, dtype="f4")[:2], np.array([0, 1]))
+    store.publish()
+    reader = MilvusVectors.open(uri, "g")
+    assert (reader.d, reader.feature_dim, reader.ntotal) == (4, 3, 2)
+    with pytest.raises(ValueError, match=r"Milvus 'g': start_version\(\) before writing"):
+        reader.remove_ids(np.array([0]))
+    with pytest.raises(ValueError, match="store holds 4-d vectors and 3-d features, the index 4-d"):
+        GalleryIndex(4, 5, vectors=reader)
+    index = GalleryIndex(4, 3, vectors=reader)  # an empty index over it: a new version on write
+    index.add(["a/0"], np.eye(4, dtype="f4")[2:3], np.ones((1, 3)), [[-1]], [[0.0]])
+    assert reader.ntotal == 1 and MilvusVectors.open(uri, "g").ntotal == 2  # not yet published
+    index.publish()
+    assert MilvusVectors.open(uri, "g").ntotal == 1

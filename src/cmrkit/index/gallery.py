@@ -296,6 +296,12 @@ class GalleryIndex:
         # The vector store: FAISS's flat IndexIDMap2 in memory, or ``vectors``, a store with its
         # face (cmrkit.index.milvus.MilvusVectors: a Milvus collection)
         self._cpu = vectors if vectors is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        sizes = (getattr(self._cpu, "d", self.dim), getattr(self._cpu, "feature_dim", None))
+        if sizes[0] != self.dim or sizes[1] not in (None, self.feature_dim):
+            raise ValueError(
+                f"the vector store holds {sizes[0]}-d vectors and {sizes[1]}-d features, the "
+                f"index {self.dim}-d and {self.feature_dim}-d"
+            )
         gpu = use_gpu in (None, True) and vectors is None
         self._gpu_res = _gpu_resources() if gpu else None
         if use_gpu and self._gpu_res is None:
@@ -331,6 +337,7 @@ class GalleryIndex:
         dupes = [i for i in ids if i in self._row_of] + _repeated(ids)
         if dupes:
             raise ValueError(f"ids already in the index or repeated: {sorted(set(dupes))[:5]}")
+        self._store_begin()
         emb = _normalised(embeddings, self.dim, "embeddings", ids)
         feat = _as_f32(features, self.feature_dim, "features", ids)
         _check_finite_rows(
@@ -363,6 +370,7 @@ class GalleryIndex:
         rows = np.array(sorted({self.row(str(i)) for i in ids}), dtype=np.int64)
         if not len(rows):
             return 0
+        self._store_begin()
         self._cpu.remove_ids(self.keys[rows])
         keep = np.ones(len(self.ids), dtype=bool)
         keep[rows] = False
@@ -380,6 +388,7 @@ class GalleryIndex:
         """New routes and routed embeddings for existing rows (keys stay the same)."""
         rows = np.asarray(rows, dtype=np.int64)
         emb = _normalised(embeddings, self.dim, "embeddings", [self.ids[r] for r in rows])
+        self._store_begin()
         idx, w = canonical_route(idx, w, self.route_indices.shape[1])
         self._widen(idx.shape[1])
         self.route_indices[rows], self.route_weights[rows] = idx, w
@@ -408,6 +417,13 @@ class GalleryIndex:
             route_weights=self.route_weights[rows],
             features=self.features[rows],
         )
+
+    def _store_begin(self) -> None:
+        """Before the first write after a publication, a versioned store (Milvus) starts a new
+        version holding this index's rows (what its readers see), which the write then changes."""
+        if hasattr(self._cpu, "start_version") and self._cpu.draft is None:
+            self._cpu.start_version()
+            self._store_add(np.arange(len(self.ids)))
 
     def publish(self) -> None:
         """Make the writes so far what the vector store's readers see: a Milvus store moves its
@@ -749,6 +765,8 @@ class GalleryIndex:
             setattr(index, field_name, arrays[field_name])
         if not (len(index.ids) == len(index.keys) == len(index.embeddings)):
             raise ValueError(f"{folder}: ids and arrays differ in length")
+        if hasattr(vectors, "start_version") and vectors.draft is None:
+            vectors.start_version()  # an opened store: the loaded rows make a new version
         index._store_add(np.arange(len(index.ids)))
         index._reindex()
         index.publish()  # a store filled from files serves that version

@@ -11,11 +11,11 @@ backend keeps in its side files: id, domain, source path, captions, route, backb
 (:meth:`MilvusVectors.search_where`) and a reader needs no side files.
 
 **Versions.** Readers search through the collection *alias* ``name``; a writer never touches the
-collection the alias points at. Its first write after a publication creates a new collection
-(``<name>__v<hex>``, filled with a copy of the live one), every write goes there, and
-:meth:`MilvusVectors.publish` moves the alias to it in one ``alter_alias`` and then drops the old
-collection: a reader sees the old version or the new one, never a half-built one. One writer per
-alias at a time.
+collection the alias points at. It writes into a new collection (``<name>__v<hex>``) started by
+:meth:`MilvusVectors.start_version` (the gallery index fills it with its rows before its first
+write after a publication), and :meth:`MilvusVectors.publish` moves the alias to it in one
+``alter_alias``, then drops the old collection: a reader sees the old version or the new one,
+never a half-built one. One writer per alias at a time.
 
 Collections use a FLAT index with inner product and strong consistency, so a search is exact and
 sees every write before it: the same top-k as the FAISS flat index. Install with
@@ -62,7 +62,7 @@ class MilvusVectors:
 
     A fresh object starts a new, empty version (published by :meth:`publish`; until then readers
     of ``name`` see what was there before, if anything); :meth:`open` attaches to the published
-    one, and its first write starts a new version from a copy of it."""
+    one, and writes after :meth:`start_version`."""
 
     def __init__(
         self,
@@ -79,7 +79,7 @@ class MilvusVectors:
         self.collection = name  # where this object reads: the alias, or its own new version
         self.draft: str | None = None  # the unpublished version this object writes
         if _create:
-            self._new_version(copy_from=None)
+            self.start_version()
 
     @classmethod
     def open(cls, uri: str, name: str) -> MilvusVectors:
@@ -101,7 +101,8 @@ class MilvusVectors:
             return self.client.describe_alias(self.name)["collection_name"]
         return self.name if self.client.has_collection(self.name) else None
 
-    def _new_version(self, copy_from: str | None) -> None:
+    def start_version(self) -> None:
+        """A new, empty collection for this object's writes (readers keep the published one)."""
         from pymilvus import DataType, MilvusClient
 
         name = f"{self.name}__v{secrets.token_hex(4)}"
@@ -124,23 +125,15 @@ class MilvusVectors:
         self.client.create_collection(
             name, schema=schema, index_params=index, consistency_level="Strong"
         )
-        if copy_from is not None:
-            self._copy(copy_from, name)
         self.draft = self.collection = name
 
-    def _copy(self, source: str, target: str) -> None:
-        """Every row of ``source`` into ``target`` (the starting point of a new version)."""
-        rows = self.client.query_iterator(source, batch_size=INSERT_BATCH, output_fields=["*"])
-        try:
-            while batch := rows.next():
-                self.client.insert(target, batch)
-        finally:
-            rows.close()
-
     def _writable(self) -> str:
-        """The collection writes go to: this object's draft, started on the first write."""
+        """The collection writes go to: this object's own version, never the published one."""
         if self.draft is None:
-            self._new_version(copy_from=self.live())
+            raise ValueError(
+                f"Milvus {self.name!r}: start_version() before writing (the published version "
+                "is what readers see and is never written)"
+            )
         return self.draft
 
     def publish(self) -> None:
