@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,92 +29,30 @@ import httpx
 import numpy as np
 import torch
 
+from cmrkit.serve.process import free_port, start_server
+
 TOKEN = "bench-token"
 K = 10
 
 
 # --- prepare ------------------------------------------------------------------------------------
-def bank_from_run(run: Path, out: Path, method: str = "dar") -> Path:
-    """The DAR bank of a finished bench run (its last checkpoint), saved as a bank folder."""
-    from safetensors.torch import load_file
-
-    from cmrkit.backbones import load_backbone
-    from cmrkit.methods import build_method
-
-    folder = run / "checkpoints" / method
-    progress = json.loads((folder / "progress.json").read_text())
-    options = progress["record"]["config"]["options"]
-    dar = build_method(
-        method,
-        load_backbone(
-            json.loads((run / "results.json").read_text())["config"].get("backbone", "cmrkit-mini")
-        ),
-        **options,
-    )
-    dar.load_extra_state(progress["extra"])
-    dar.load_state_dict(load_file(str(folder / progress["weights"])))
-    dar.encoder().save(out)
-    return out
-
-
 def prepare(args) -> None:
+    """The DAR banks the two bench runs saved (``RUN/banks/dar/``), copied into the demo folder,
+    and an index of the cmr-mini joint test gallery built with the first."""
+    from cmrkit.adapters.persistence import resolve_bank_dir
     from cmrkit.cli import main
 
     out = Path(args.out)
-    b3 = bank_from_run(Path(args.run3), out / "bank3")
-    b4 = bank_from_run(Path(args.run4), out / "bank4")
+    b3, b4 = out / "bank3", out / "bank4"
+    for run, bank in ((args.run3, b3), (args.run4, b4)):
+        shutil.copytree(resolve_bank_dir(run), bank, dirs_exist_ok=True)
     print(f"banks: {b3} ({args.run3}), {b4} ({args.run4})")
-    code = main(
-        [
-            "index",
-            "build",
-            "--adapters",
-            str(b3),
-            "--suite",
-            "cmr-mini",
-            "--out",
-            str(out / "index"),
-        ]
-    )
+    build = ["index", "build", "--adapters", str(b3), "--suite", "cmr-mini"]
+    code = main([*build, "--out", str(out / "index")])
     assert code == 0, code
 
 
 # --- a server in a subprocess -----------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(index: Path, port: int, log: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from cmrkit.cli import main; sys.exit(main())",
-        "serve",
-        "--index",
-        str(index),
-        "--port",
-        str(port),
-        "--token",
-        TOKEN,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while time.time() - t0 < 180:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not start in 180 s")
-
-
 def rss_mib(pid: int) -> tuple[float, float]:
     """(current, peak) resident memory of a process, MiB."""
     fields = dict(
@@ -211,7 +145,7 @@ def run_load(args) -> dict:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(work / "index", port, work / "server.log")
+    proc = start_server(work / "index", port, work / "server.log", token=TOKEN)
     mem_before = rss_mib(proc.pid)
     rng = np.random.default_rng(1)
     plan = rng.integers(0, len(pool), args.queries)
@@ -331,7 +265,7 @@ def kill_during_update(args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    proc = start_server(work / "index", port, work / "server.log")
+    proc = start_server(work / "index", port, work / "server.log", token=TOKEN)
     v_before = httpx.get(f"{url}/health").json()["version"]
     query = {"q": "a dog running on the grass", "k": K}
     answer_before = httpx.get(f"{url}/api/search", params=query, timeout=60).json()["ids"]
@@ -348,7 +282,7 @@ def kill_during_update(args) -> dict:
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     left = sorted(p.name for p in (work / "index").iterdir())
-    proc = start_server(work / "index", port, work / "server.log")
+    proc = start_server(work / "index", port, work / "server.log", token=TOKEN)
     health = httpx.get(f"{url}/health").json()
     answer_after = httpx.get(f"{url}/api/search", params=query, timeout=60).json()["ids"]
     job = httpx.post(
@@ -426,7 +360,7 @@ def shots(args) -> None:
     shutil.copytree(demo / "index", work)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(work, port, demo / "shots-server.log")
+    proc = start_server(work, port, demo / "shots-server.log", token=TOKEN)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for a in (

@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
-from conftest import write_tiny_suite
+from conftest import bench_argv, write_tiny_suite
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -22,66 +17,24 @@ def _tiny_suite(folder) -> str:
     )
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_bench_bank_index_serve_from_the_command_line(tmp_path):
     from cmrkit.adapters.persistence import resolve_bank_dir
     from cmrkit.cli import main
+    from cmrkit.serve.process import free_port, start_server
 
     suite, run = _tiny_suite(tmp_path), tmp_path / "run"
-    bench = [
-        "bench",
-        "--suite",
-        suite,
-        "--methods",
-        "dar",
-        "--backbone",
-        "tiny-mini",
-        "--quick",
-        "--max-steps",
-        "2",
-        "--set",
-        "dar.rank=2",
-        "--out",
-        str(run),
-        "--no-progress",
-    ]
+    bench = bench_argv(suite, run, "dar", "--quick", "--max-steps", "2", "--set", "dar.rank=2")
     assert main(bench) == 0
-    try:
-        resolve_bank_dir(run)
-    except FileNotFoundError as e:
-        pytest.skip(f"this bench run holds no adapter bank folder yet ({e})")
+    assert resolve_bank_dir(run) == run / "banks" / "dar"  # bench saved DAR's final bank
     index = tmp_path / "index"
     build = ["index", "build", "--adapters", str(run), "--suite", suite, "--out", str(index)]
     assert main(build) == 0
 
-    port = _port()
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from cmrkit.cli import main; sys.exit(main())",
-        "serve",
-        "--index",
-        str(index),
-        "--port",
-        str(port),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = free_port()
+    proc = start_server(index, port, tmp_path / "server.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        t0 = time.time()
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                health = httpx.get(f"{url}/health", timeout=2).json()
-                break
-            except httpx.HTTPError:
-                assert time.time() - t0 < 120, "serve did not start"
-                time.sleep(0.2)
+        health = httpx.get(f"{url}/health", timeout=2).json()
         assert health["items"] == 16 and health["status"] == "ok"
         body = httpx.get(f"{url}/api/search", params={"q": "a red circle", "k": 4}).json()
         assert body["version"] == health["version"] and len(body["ids"]) == 4
@@ -93,3 +46,12 @@ def test_bench_bank_index_serve_from_the_command_line(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_server_that_cannot_start_is_an_error_naming_its_log(tmp_path):
+    from cmrkit.serve.process import free_port, start_server
+
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError, match=f"exited with 2; see {log}"):
+        start_server(tmp_path / "no-index", free_port(), log)
+    assert "cmrkit serve: error: " in log.read_text()
