@@ -1,4 +1,5 @@
-"""Prototype memory, the DAR router and the routed encoder (paper 003 §3.2–3.3)."""
+"""Prototype memory, the DAR router and the routed encoder (paper 003 §3.2–3.3); per-token
+routers between the experts of a language model (PHATGOOSE gates, Arrow; paper 002)."""
 
 from cmrkit.routing.encoder import (
     RoutedEncoder,
@@ -21,8 +22,19 @@ from cmrkit.routing.router import (
     fixed_route,
     margin_route,
 )
+from cmrkit.routing.tokens import (
+    ArrowRouter,
+    ExpertGates,
+    FixedMix,
+    RoutingRecorder,
+    top_k_softmax,
+)
 
 __all__ = [
+    "ArrowRouter",
+    "ExpertGates",
+    "FixedMix",
+    "RoutingRecorder",
     "ITEM_STRATEGIES",
     "KINDS",
     "MERGE_RULES",
@@ -43,4 +55,5 @@ __all__ = [
     "routing_accuracy",
     "routing_features",
     "task_features",
+    "top_k_softmax",
 ]

@@ -13,6 +13,7 @@ bank's persistence (safetensors + JSON) and PEFT export apply unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -197,7 +198,7 @@ class ExpertPool:
         self.bank = bank if bank is not None else wrap_language_model(model, targets)
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.expert_config = expert_config or VLMTrainConfig()
-        self.gate_config = gate_config or GATE_CONFIG
+        self.gate_config = gate_config or dataclasses.replace(GATE_CONFIG)
         self.tasks: list[str] = []
         self.stats: dict[str, dict[str, Any]] = {}
         self.gates = {
