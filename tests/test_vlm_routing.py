@@ -350,6 +350,8 @@ def test_bad_batches_are_named_errors():
     pool = ExpertPool(model, rank=4, expert_config=FAST, gate_config=FAST)
     with pytest.raises(NonFiniteError, match="expert 'b': non-finite loss nan at step 1"):
         pool.learn_task("b", [batch])
+    with pytest.raises(ValueError, match="task 'b' failed to train in this pool"):
+        pool.learn_task("b", [batch])
     with pytest.raises(ValueError, match="expert 'c': no training batches"):
         ExpertPool(tiny_llama(), expert_config=FAST).learn_task("c", [])
 
@@ -455,6 +457,21 @@ def test_every_method_runs_a_stream_on_one_interface():
     assert set(rec.counts) == set(pool.bank.layers)
     assert all(int(c.sum()) == int(rec.mask.sum()) and c[-1] == 0 for c in rec.counts.values())
     assert all(abs(rec.share(0)[n] + rec.share(1)[n] - 1) < 1e-9 for n in rec.counts)
+
+
+def test_single_lora_method_saves_a_bank(tmp_path):
+    from cmrkit.adapters.persistence import load_bank
+    from cmrkit.vlm import wrap_language_model
+
+    model, probe = tiny_llama(), task_batches(1)[0]
+    method = make_method("seq_lora", model, rank=4, expert_config=FAST)
+    method.learn_task("a", task_batches(0))
+    method.save(tmp_path / "seq")
+    wrap_language_model(model)
+    bank, _, meta = load_bank(tmp_path / "seq", model)
+    assert meta["extra"] == {"tasks": ["a"]}
+    with bank.routing(AdapterRouting.single(0)), method.answering("b") as trained:
+        assert torch.equal(_logits(model, probe), _logits(trained, probe))
 
 
 def test_make_method_errors():

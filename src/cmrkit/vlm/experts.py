@@ -214,6 +214,8 @@ class ExpertPool:
         """Stage 1 (expert) then stage 2 (its gates) on ``task``'s batches; once per task."""
         if task in self.stats:
             return self.stats[task]
+        if task in self.tasks:  # its expert slot exists but training stopped with an error
+            raise ValueError(f"task {task!r} failed to train in this pool; build a new pool")
         idx = self.bank.add_adapter(self.rank, self.alpha, self.dropout)
         for name, gates in self.gates.items():
             gates.add_gate(self.bank.layers[name].weight)

@@ -112,6 +112,7 @@ class _OneLoRA(VLMMethod):
             )
         finally:
             self.bank.freeze()
+            self.bank.set_routing(AdapterRouting.none())  # the LoRA acts only when answering
 
     @contextmanager
     def answering(self, task: str | None) -> Iterator[nn.Module]:
