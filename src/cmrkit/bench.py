@@ -347,16 +347,7 @@ class Bench:
         return self.out / "ranks" / f"{name}.safetensors"
 
     def _load_results(self) -> dict:
-        path = self.out / "results.json"
-        if not path.exists():
-            return {}
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a results file ({e})") from None
-        if not isinstance(results, dict):
-            raise ValueError(f"{path}: not a results file (a JSON object expected)")
-        return results
+        return read_results(self.out / "results.json")
 
     def _check_same_run(self) -> None:
         """A stored run in ``out`` is continued (``resume``) or joined by new methods only if it
@@ -595,6 +586,19 @@ def _method_identity(config: dict) -> dict:
     options."""
     train = {k: v for k, v in config["train"].items() if k not in NOT_METHOD_IDENTITY}
     return _jsonable({"train": train, "options": config["options"]})
+
+
+def read_results(path: Path) -> dict:
+    """A stored run's results (``{}`` when there is none); a file that is not one is refused."""
+    if not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a results file ({e})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: not a results file (a JSON object expected)")
+    return results
 
 
 def _differences(then: dict, now: dict, prefix: str = "") -> list[str]:

@@ -12,19 +12,36 @@ classes (MTIL). Metrics (:mod:`cmrkit.eval.metrics`): Transfer / Avg / Last (MTI
 CI-Transfer / final average (Class-IL), each with a 95 % bootstrap interval over test items.
 Base-to-novel trains k shots per base class and scores base and novel classes, each in its own
 label space, with HM. Writes ``results.json``, ``report.md`` and plots.
+
+Resume (as ``cmrkit bench --resume``): a Class-IL / MTIL method's state and its scored cells are
+checkpointed atomically after every task (``OUT/checkpoints/<method>/``); ``resume`` continues
+from there and skips complete methods, and every draw is seeded from (seed, task), so a resumed
+run ends with the numbers of an uninterrupted one. Few-shot protocols rerun every method (their
+paired differences need each method's hits). A stored run with another suite, protocol, order,
+backbone or method setting is refused, naming each difference.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from .backbones import load_backbone
-from .bench import _environment, _jsonable, method_config
+from .bench import (
+    NOT_RUN_IDENTITY,
+    _differences,
+    _environment,
+    _jsonable,
+    _method_identity,
+    method_config,
+    read_results,
+)
 from .data.classification import (
     ClsSuite,
     ClsTask,
@@ -50,7 +67,15 @@ from .eval.retrieval import embed_images
 from .eval.zeroshot import prototype_ranks
 from .methods import METHODS, TaskContext, build_method
 from .train.loop import train_task
-from .utils import check_finite, check_writable_dir, derived_seed, seed_everything, write_json
+from .utils import (
+    atomic_write,
+    check_finite,
+    check_writable_dir,
+    derived_seed,
+    remove_stale_temps,
+    seed_everything,
+    write_json,
+)
 
 PROTOCOLS = ("class-il", "mtil", "base-to-novel", "cross-dataset", "domain-generalisation")
 FEW_SHOT = ("base-to-novel", "cross-dataset", "domain-generalisation")
@@ -72,6 +97,7 @@ class ClassifyConfig:
     split_seed: int = 0  # base-to-novel: the base / novel halves; domain-gen.: the renderings
     source: str | None = None  # cross-dataset: the training dataset (default: the suite's first)
     eval_batch_size: int = 512
+    resume: bool = False  # continue a killed run in ``out``
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -97,16 +123,23 @@ class Classify:
         self.protocol = cfg.protocol or self.suite.protocol
         self.boot = BootstrapConfig()
         self._b2n_hits: dict[str, dict[str, tuple]] = {}  # method -> dataset -> (base, novel)
+        self.stored = read_results(self.out / "results.json")
+        self._check_same_run()
+        remove_stale_temps(self.out)  # of atomic writes cut short by a kill
 
     def run(self) -> dict:
         self._check_vocabularies()
         started = time.time()
+        config = _jsonable(asdict(self.cfg))
+        if stored := self.stored.get("config"):  # methods joining a stored run keep its others
+            config["methods"] = list(dict.fromkeys(stored["methods"] + config["methods"]))
+            config["method_options"] = {**stored["method_options"], **config["method_options"]}
         results = {
             "suite": self.suite.name,
             "protocol": self.protocol,
-            "config": _jsonable(asdict(self.cfg)),
+            "config": config,
             "environment": _environment(self.cfg.device),
-            "methods": {},
+            "methods": dict(self.stored.get("methods", {})),
         }
         if self.protocol in FEW_SHOT:
             results["datasets"] = list(self.suite.datasets)
@@ -115,6 +148,9 @@ class Classify:
             results["tasks"] = [t.name for t in tasks]
             results["task_classes"] = {t.name: t.class_ids for t in tasks}
         for name in self.cfg.methods:
+            done = results["methods"].get(name, {}).get("complete")
+            if self.cfg.resume and done and self.protocol not in FEW_SHOT:
+                continue
             method_started = time.time()
             if self.protocol == "base-to-novel":
                 record = self._base_to_novel(name)
@@ -125,11 +161,12 @@ class Classify:
             else:
                 record = self._stream(name, tasks)
             record["wall_s"] = time.time() - method_started
+            record["complete"] = True
             results["methods"][name] = record
             write_json(self.out / "results.json", results)
         if self.protocol == "base-to-novel" and len(self._b2n_hits) > 1:
             results["paired"] = self._paired_base_to_novel(results["methods"])
-        results["wall_s"] = time.time() - started
+        results["wall_s"] = self.stored.get("wall_s", 0.0) + time.time() - started
         write_json(self.out / "results.json", results)
         from .eval.cls_report import write_cls_report
 
@@ -142,7 +179,9 @@ class Classify:
         T = len(tasks)
         correct: dict[tuple[int, int], torch.Tensor] = {}
         timings = {"train_s": [], "eval_s": []}
-        for t, task in enumerate(tasks):
+        start = self._restore(name, method, correct, timings) if self.cfg.resume else 0
+        for t in range(start, T):
+            task = tasks[t]
             tic = time.time()
             self._train(method, t, task.name, task.train, task.class_ids, train_cfg, tasks[: t + 1])
             timings["train_s"].append(time.time() - tic)
@@ -150,6 +189,7 @@ class Classify:
             for s, hits in enumerate(self._score(method, tasks)):
                 correct[t, s] = hits
             timings["eval_s"].append(time.time() - tic)
+            self._checkpoint(name, method, correct, timings, t + 1)
         A = [[100.0 * correct[t, s].double().mean().item() for s in range(T)] for t in range(T)]
         reps = np.stack(
             [
@@ -360,6 +400,67 @@ class Classify:
             raise ValueError(f"suite {self.suite.name}: no dataset has renderings (theme / font)")
         return {"per_dataset": per_dataset, "config": self._record_config(name)}
 
+    # --- resume --------------------------------------------------------------------------------
+    def _check_same_run(self) -> None:
+        """A stored run in ``out`` is continued (``resume``) or joined by new methods only if it
+        ran the same suite and settings; anything else is refused, naming each difference."""
+        stored = self.stored.get("config")
+        if not stored:
+            return
+        ours = _jsonable(asdict(self.cfg))
+        diffs = [
+            f"{key} {stored.get(key)!r} -> {ours[key]!r}"
+            for key in ours
+            if key not in NOT_RUN_IDENTITY and stored.get(key) != ours[key]
+        ]
+        records = self.stored.get("methods", {})
+        for name in self.cfg.methods:
+            if records.get(name, {}).get("config"):
+                now = _method_identity(self._record_config(name))
+                then = _method_identity(records[name]["config"])
+                diffs += [f"{name}: {d}" for d in _differences(then, now)]
+        missing = [m for m in self.cfg.methods if m not in stored.get("methods", [])]
+        if self.cfg.resume and missing:
+            diffs.append(f"methods {', '.join(missing)} not in the stored run")
+        if diffs:
+            what = f"--resume: {self.out}" if self.cfg.resume else str(self.out / "results.json")
+            fix = "" if self.cfg.resume else "; use another --out"
+            raise ValueError(f"{what} holds a run with other settings: {'; '.join(diffs)}{fix}")
+
+    def _checkpoint(self, name: str, method, correct: dict, timings: dict, done: int) -> None:
+        """Method state and every scored cell after ``done`` tasks: the weights file first, then
+        the progress file naming it (each atomic), so a kill leaves the last whole checkpoint."""
+        folder = self.out / "checkpoints" / name
+        weights = folder / f"state-after-{done}.safetensors"
+        state = {
+            f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()
+        }
+        state |= {f"hits.{t}.{s}": h.to(torch.uint8).cpu() for (t, s), h in correct.items()}
+        atomic_write(weights, lambda p: save_file(state, str(p)))
+        progress = {"done": done, "weights": weights.name, "extra": method.extra_state()}
+        write_json(folder / "progress.json", _jsonable(progress | {"timings": timings}))
+        for old in folder.glob("state-after-*.safetensors"):
+            if old != weights:
+                old.unlink()
+
+    def _restore(self, name: str, method, correct: dict, timings: dict) -> int:
+        """The number of tasks done by ``name``'s last checkpoint, its state and cells restored."""
+        progress = self.out / "checkpoints" / name / "progress.json"
+        if not progress.exists():
+            return 0
+        meta = json.loads(progress.read_text())
+        state = load_file(progress.parent / meta["weights"])
+        method.load_extra_state(meta["extra"])
+        method.load_state_dict(
+            {k.removeprefix("method."): v for k, v in state.items() if k.startswith("method.")}
+        )
+        for key, hits in state.items():
+            if key.startswith("hits."):
+                t, s = map(int, key.split(".")[1:])
+                correct[t, s] = hits.bool()
+        timings.update(meta["timings"])
+        return int(meta["done"])
+
     # --- shared --------------------------------------------------------------------------------
     def _build(self, name: str):
         train_cfg, options = self.settings[name]
@@ -441,8 +542,10 @@ def register(sub) -> None:
         "classify", help="continual zero-shot classification: Class-IL, MTIL, base-to-novel"
     )
     p.add_argument("--suite", required=True, help="a cls-* suite name or a suite YAML path")
+    from .cli import run_args
+
     p.add_argument("--methods", default="zeroshot,moder", help="comma-separated method names")
-    p.add_argument("--out", required=True, help="output folder (results.json, report.md, plots)")
+    run_args(p)  # --out, --resume, --epochs ... --set, --no-progress: as for cmrkit bench
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: the suite's (class-il, mtil)")
     p.add_argument("--order", choices=["given", "reverse"], default="given", help="task order")
     p.add_argument("--data-root", help="data root (default: $CMRKIT_DATA, else ../shared/data)")
@@ -450,31 +553,14 @@ def register(sub) -> None:
     p.add_argument("--shots", type=int, default=16, help="base-to-novel: items per base class")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the class / rendering halves")
     p.add_argument("--source", help="cross-dataset: the training dataset (default: the first)")
-    p.add_argument("--epochs", type=float, help="epochs per task, for every method")
-    p.add_argument("--batch-size", type=int, help="training batch size, for every method")
-    p.add_argument("--lr", type=float, help="learning rate, for every method")
-    p.add_argument("--max-steps", type=int, help="cap optimizer steps per task")
-    p.add_argument("--max-train-items", type=int, help="cap training items per task")
-    p.add_argument("--seed", type=int, help="training seed")
     p.add_argument("--eval-batch-size", type=int, default=512, help="images per batch")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="as for bench"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
 
 
 def _run(args) -> int:
-    from .cli import _method_options, _split
+    from .cli import _method_options, _split, train_overrides
 
-    overrides = {
-        k: getattr(args, k)
-        for k in ("epochs", "batch_size", "lr", "max_steps", "seed")
-        if getattr(args, k) is not None
-    }
-    if args.no_progress:
-        overrides["progress"] = False
     cfg = ClassifyConfig(
         suite=args.suite,
         methods=_split(args.methods),
@@ -483,13 +569,14 @@ def _run(args) -> int:
         data_root=args.data_root,
         backbone=args.backbone,
         order=args.order,
-        train_overrides=overrides,
+        train_overrides=train_overrides(args),
         method_options=_method_options(args.set),
         max_train_items=args.max_train_items,
         shots=args.shots,
         split_seed=args.split_seed,
         source=args.source,
         eval_batch_size=args.eval_batch_size,
+        resume=args.resume,
     )
     if args.device:
         cfg.device = args.device

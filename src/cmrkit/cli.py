@@ -159,38 +159,22 @@ def _bench_parser(sub) -> None:
     p.add_argument(
         "--methods", default="zeroshot,finetune", help="comma-separated method names, or 'all'"
     )
-    p.add_argument("--out", required=True, help="output folder (results.json, report.md, plots)")
+    run_args(p)
     p.add_argument(
         "--order",
         choices=["zs", "reverse", "given"],
         default=None,
         help="task order: zero-shot curriculum, its reverse, or as given in the suite",
     )
-    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     p.add_argument(
         "--quick",
         action="store_true",
         help="quick settings: 1 epoch, batch 64, one prompt template",
     )
-    p.add_argument("--epochs", type=float, help="epochs per task, for every method")
-    p.add_argument("--batch-size", type=int, help="training batch size, for every method")
-    p.add_argument("--lr", type=float, help="learning rate, for every method")
-    p.add_argument("--grad-accum", type=int, help="batches accumulated per optimizer step")
-    p.add_argument("--max-steps", type=int, help="cap optimizer steps per task (smoke runs)")
-    p.add_argument("--max-train-items", type=int, help="cap training items per task")
-    p.add_argument("--seed", type=int, help="training seed (every task is seeded from it)")
     p.add_argument(
         "--seeds",
         help="comma-separated training seeds (0,1,2): the whole run is repeated per seed in "
         "OUT/seed-N and OUT holds mean ± sd over seeds, per-seed values kept",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="METHOD.KEY=VALUE",
-        help="override one method's option or training setting, e.g. dar.rank=8, finetune.lr=5e-5 "
-        "(repeatable)",
     )
     p.add_argument(
         "--preset",
@@ -203,25 +187,55 @@ def _bench_parser(sub) -> None:
         help="choose settings: evaluate on this seeded fraction of each task's training split "
         "(e.g. 0.2) and train on the rest; the test splits are not read",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_bench)
 
 
-def _run_bench(args) -> int:
-    from .bench import BenchConfig, run_bench, run_seeds
-    from .methods import METHODS, _load_all  # noqa: F401  (fills the registry)
+def run_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of a run that ``bench`` and ``classify`` share: output, resume, training
+    settings for every method, one method's ``--set``, progress bars (read by
+    :func:`train_overrides` and :func:`_method_options`)."""
+    p.add_argument("--out", required=True, help="output folder (results.json, report.md, plots)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument("--epochs", type=float, help="epochs per task, for every method")
+    p.add_argument("--batch-size", type=int, help="training batch size, for every method")
+    p.add_argument("--lr", type=float, help="learning rate, for every method")
+    p.add_argument("--grad-accum", type=int, help="batches accumulated per optimizer step")
+    p.add_argument("--max-steps", type=int, help="cap optimizer steps per task (smoke runs)")
+    p.add_argument("--max-train-items", type=int, help="cap training items per task")
+    p.add_argument("--seed", type=int, help="training seed (every task is seeded from it)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override one method's option or training setting, e.g. dar.rank=8, finetune.lr=5e-5 "
+        "(repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def train_overrides(args, base: dict | None = None) -> dict:
+    """``base`` updated with the training settings given on the command line (see run_args)."""
     from .train.loop import TrainConfig
 
-    every = sorted(m for m, cls in METHODS.items() if cls.retrieval)
-    methods = every if args.methods == "all" else _split(args.methods)
-    # with a preset, --quick keeps only its one prompt template: the preset sets the schedule
-    overrides = dict(QUICK) if args.quick and not args.preset else {}
+    overrides = dict(base or {})
     for f in fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
             overrides[f.name] = value
     if args.no_progress:
         overrides["progress"] = False
+    return overrides
+
+
+def _run_bench(args) -> int:
+    from .bench import BenchConfig, run_bench, run_seeds
+    from .methods import METHODS, _load_all  # noqa: F401  (fills the registry)
+
+    every = sorted(m for m, cls in METHODS.items() if cls.retrieval)
+    methods = every if args.methods == "all" else _split(args.methods)
+    # with a preset, --quick keeps only its one prompt template: the preset sets the schedule
+    overrides = train_overrides(args, QUICK if args.quick and not args.preset else None)
     cfg = BenchConfig(
         suite=args.suite,
         methods=methods,
