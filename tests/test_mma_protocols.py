@@ -93,7 +93,7 @@ def test_cross_dataset_trains_on_the_source_and_scores_every_dataset(tmp_path, r
     assert zs["target_average"] == zs["per_dataset"]["icons"]["top1"]
     assert "Target avg" in (tmp_path / "cross-dataset" / "report.md").read_text()
     with pytest.raises(ValueError, match="--source 'nope' is not a dataset of toy"):
-        run_classify(_cfg(tmp_path, root, "cross-dataset", source="nope"))
+        run_classify(_cfg(tmp_path / "bad", root, "cross-dataset", source="nope"))
 
 
 def test_domain_generalisation_splits_renderings_and_skips_datasets_without(tmp_path, root):
@@ -193,3 +193,41 @@ def test_base_to_novel_paired_differences_equal_a_hand_computation(tmp_path, roo
         records["rmadapter"]["per_dataset"]["icons"]["novel"]
         - records["mma"]["per_dataset"]["icons"]["novel"]
     )
+
+
+def test_every_base_to_novel_cell_has_its_interval_by_hand(tmp_path, root):
+    """HM per dataset and the averages carry intervals: HM taken per bootstrap replicate of base
+    and novel accuracy (each part resampled with its own seeded draw), averages over datasets."""
+    from cmrkit.data.classification import base_novel_split
+    from cmrkit.eval.bootstrap import BootstrapConfig, interval, replicate_means, stream_seed
+
+    res = run_classify(_cfg(tmp_path, root, "base-to-novel", ("zeroshot",)))
+    zs = res["methods"]["zeroshot"]
+    suite, boot = load_cls_suite(root[1], root[0]), BootstrapConfig()
+    model = load_backbone("tiny-mini")
+    reps = {}
+    for d, (_, test) in suite.datasets.items():
+        for part, ids in zip(("base", "novel"), base_novel_split(len(test.classes), 0)):
+            sub = test.relabel(ids)
+            protos = class_embeddings(model, sub.prompt_names, sub.templates)
+            images = embed_images(model, sub.data, 16, progress=False)
+            hits = prototype_ranks(images, protos, sub.targets) == 0
+            reps[d, part] = 100 * replicate_means(hits, 1000, stream_seed(boot.seed, f"{d}/{part}"))
+        b, n = reps[d, "base"], reps[d, "novel"]
+        hm = np.where(b + n > 0, 2 * b * n / np.where(b + n > 0, b + n, 1), 0)
+        assert zs["per_dataset"][d]["hm_ci"] == pytest.approx(interval(hm))
+    b = (reps["icons", "base"] + reps["shapes", "base"]) / 2
+    n = (reps["icons", "novel"] + reps["shapes", "novel"]) / 2
+    avg = zs["average_ci"]
+    assert avg["base"] == pytest.approx(interval(b)) and avg["novel"] == pytest.approx(interval(n))
+    assert avg["hm"] == pytest.approx(interval(2 * b * n / (b + n)))
+    assert (
+        f"±{(avg['hm'][1] - avg['hm'][0]) / 2:.1f}"
+        in (tmp_path / "base-to-novel/report.md").read_text()
+    )
+
+
+def test_cross_dataset_target_average_has_an_interval(tmp_path, root):
+    res = run_classify(_cfg(tmp_path, root, "cross-dataset", ("zeroshot",), source="shapes"))
+    zs = res["methods"]["zeroshot"]
+    assert zs["target_average_ci"] == pytest.approx(zs["per_dataset"]["icons"]["ci"])  # one target

@@ -288,7 +288,15 @@ class Classify:
         novel = [v["novel"] for v in per_dataset.values()]
         mean["novel"] = None if None in novel else float(np.mean(novel))
         mean["hm"] = None if mean["novel"] is None else harmonic_mean(mean["base"], mean["novel"])
-        return {"per_dataset": per_dataset, "average": mean, "config": self._record_config(name)}
+        reps = self._b2n_replicates(name)
+        for d, v in per_dataset.items():
+            v["hm_ci"] = interval(reps[d]["hm"], self.boot.level) if "hm" in reps[d] else None
+        return {
+            "per_dataset": per_dataset,
+            "average": mean,
+            "average_ci": {k: interval(r, self.boot.level) for k, r in reps["average"].items()},
+            "config": self._record_config(name),
+        }
 
     def _b2n_replicates(self, name: str) -> dict[str, dict[str, np.ndarray]]:
         """Bootstrap replicates of base / novel / HM per dataset and of their average. Each
@@ -350,15 +358,22 @@ class Classify:
         tic = time.time()
         self._train(method, 0, source, train, list(range(len(train.classes))), train_cfg, None)
         train_s = time.time() - tic
+        hits = {d: self._hits(method, test) for d, (_, test) in self.suite.datasets.items()}
         acc = {
-            d: self._accuracy(method, test, f"{d}/cross")
-            for d, (_, test) in self.suite.datasets.items()
+            d: {"top1": 100 * h.double().mean().item(), "ci": self._interval(h, f"{d}/cross")}
+            for d, h in hits.items()
         }
-        targets = [acc[d]["top1"] for d in acc if d != source]
+        targets = [d for d in hits if d != source]
+        mean, ci = None, None
+        if targets:  # the targets' replicates averaged: an interval for the average
+            mean = float(np.mean([acc[d]["top1"] for d in targets]))
+            reps = np.mean([self._replicates(hits[d], f"{d}/cross") for d in targets], 0)
+            ci = interval(reps, self.boot.level)
         return {
             "source": source,
             "per_dataset": acc,
-            "target_average": float(np.mean(targets)) if targets else None,
+            "target_average": mean,
+            "target_average_ci": ci,
             "train_items": len(train.data),
             "train_s": train_s,
             "config": self._record_config(name),

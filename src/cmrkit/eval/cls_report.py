@@ -84,16 +84,12 @@ def _base_novel(results: dict) -> list[str]:
         rows = []
         for name, r in methods.items():
             v = r["average"] if d == "average" else r["per_dataset"][d]
-            rows.append(
-                (
-                    name,
-                    [
-                        Num(v["base"], v.get("base_ci")),
-                        Num(v["novel"], v.get("novel_ci")),
-                        Num(v["hm"]),
-                    ],
-                )
+            ci = (
+                r.get("average_ci", {})
+                if d == "average"
+                else {k: v.get(f"{k}_ci") for k in ("base", "novel", "hm")}
             )
+            rows.append((name, [Num(v[k], ci.get(k)) for k in ("base", "novel", "hm")]))
         lines += [f"### {d}", ""] + _table(["Base", "Novel", "HM"], rows, ["max"] * 3)
     if any(r["average"]["novel"] is None for r in methods.values()):
         lines += [
@@ -152,7 +148,7 @@ def _cross_dataset(results: dict) -> list[str]:
                 Num(r["per_dataset"][d]["top1"], r["per_dataset"][d]["ci"])
                 for d in [source, *targets]
             ]
-            + [Num(r["target_average"])],
+            + [Num(r["target_average"], r.get("target_average_ci"))],
         )
         for name, r in methods.items()
     ]
