@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .backbones import load_backbone
-from .data.dataset import ImageCaptionDataset
+from .data.dataset import ImageCache, ImageCaptionDataset
 from .data.suites import CONFIG_DIR, Suite, load_suite
 from .eval.bootstrap import (
     BootstrapConfig,
@@ -38,6 +38,7 @@ from .eval.bootstrap import (
     recall_interval,
     save_ranks,
 )
+from .eval.cache import EmbeddingCache, caching
 from .eval.metrics import summarize
 from .eval.report import write_report
 from .eval.retrieval import (
@@ -77,6 +78,7 @@ NOT_RUN_IDENTITY = {
     "methods",
     "method_options",
     "train_overrides",
+    "cache_mb",
 }
 NOT_METHOD_IDENTITY = {"progress", "num_workers"}  # training settings that change no number
 
@@ -102,6 +104,7 @@ class BenchConfig:
     resume: bool = False
     skip_bad: bool = False
     allow_outside: bool = False  # files outside their split folder
+    cache_mb: int = 1024  # bound of each shared cache (images, embeddings); 0: no caching
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -131,6 +134,7 @@ class Bench:
         self.ret_probes = {
             p.name: self.suite.load(p.name, "test") for p in self.suite.retrieval_probes
         }
+        self.embedding_cache = self._share_caches()
         self.results = self._load_results()
         self.boot = BootstrapConfig()
         self.ranks: dict[str, dict[str, torch.Tensor]] = {}  # method → per-query ranks per cell
@@ -142,6 +146,10 @@ class Bench:
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
+        with caching(self.embedding_cache):
+            return self._run()
+
+    def _run(self) -> dict:
         started = time.time()
         tasks = self._task_order()
         config = _jsonable(asdict(self.cfg))
@@ -306,6 +314,19 @@ class Bench:
         return self.suite.task(probe).templates or self.cfg.templates
 
     # --- data and order -----------------------------------------------------------------------
+    def _share_caches(self) -> EmbeddingCache | None:
+        """Every model evaluated in this run reads one shared copy of each image's evaluation
+        pixels, and a model unchanged since it embedded a batch (the zero-shot backbone, DAR's
+        routing features, a frozen tower) is not run on it again; both caches bounded by
+        ``cache_mb``. Cached values are the values recomputation gives: numbers do not move."""
+        if not self.cfg.cache_mb:
+            return None
+        images = ImageCache(self.cfg.cache_mb << 20)
+        for split in (self.tests, self.trains, self.cls_probes, self.ret_probes):
+            for ds in split.values():
+                ds.image_cache = images
+        return EmbeddingCache(self.cfg.cache_mb << 20)
+
     def _train_set(self, task: str, seed: int) -> ImageCaptionDataset:
         ds = self.trains[task]
         cap = self.cfg.max_train_items
@@ -524,7 +545,7 @@ def _check_arguments(cfg: BenchConfig) -> dict[str, tuple[TrainConfig, dict]]:
     if extra := sorted(set(cfg.method_options) - set(cfg.methods)):
         methods = ", ".join(cfg.methods)
         raise ValueError(f"--set {extra[0]}.…: method {extra[0]!r} is not in --methods ({methods})")
-    for key, low in (("eval_batch_size", 1), ("max_train_items", 1)):
+    for key, low in (("eval_batch_size", 1), ("max_train_items", 1), ("cache_mb", 0)):
         value = getattr(cfg, key)
         if key == "max_train_items" and value is None:
             continue

@@ -39,6 +39,10 @@ class ImageTransform:
         self.rng = rng or random.Random(0)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Tensor:
+        return self.normalise(self.to_uint8(image, rng))
+
+    def to_uint8(self, image: Image.Image, rng: random.Random | None = None) -> Tensor:
+        """[3, size, size] uint8: the image cropped and resized, before normalisation."""
         image = image.convert("RGB")
         square = (self.size, self.size)
         if self.train:
@@ -50,8 +54,16 @@ class ImageTransform:
             image = _center_crop(image, min(image.size)).resize(square, self.resample)
         else:
             image = image.resize(square, self.resample)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalise(self, x: Tensor) -> Tensor:
         return (x.float() / 255.0 - self.mean) / self.std
+
+    @property
+    def cache_key(self) -> tuple | None:
+        """What decides :meth:`to_uint8`'s output for a given image; None when it is random
+        (training crops), so that nothing is cached."""
+        return None if self.train else (self.size, self.crop, self.shortest_edge, self.resample)
 
     def _random_crop(self, image: Image.Image, rng: random.Random) -> Image.Image:
         w, h = image.size

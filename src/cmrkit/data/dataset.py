@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from torch import Tensor
 
 # What PIL raises for a file it cannot identify (UnidentifiedImageError is an OSError) or decode.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -74,6 +75,8 @@ class ImageCaptionDataset:
     rows: list[int] = field(default_factory=list)
     source_size: int | None = None
     fingerprint: str = ""  # of the source's content, to detect a changed dataset
+    # evaluation pixels shared by every model evaluated on these images (see ImageCache)
+    image_cache: ImageCache | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (len(self.images) == len(self.captions) == len(self.labels)):
@@ -99,6 +102,12 @@ class ImageCaptionDataset:
         except DataError as e:
             raise DataError(f"{e} (item {self.ids[i]})") from None
 
+    def pixels(self, i: int, transform) -> Tensor:
+        """``transform(load_image(i))``, from ``image_cache`` when one is attached."""
+        if self.image_cache is None:
+            return transform(self.load_image(i))
+        return self.image_cache.pixels(self.images[i], lambda: self.load_image(i), transform)
+
     def subset(self, indices: list[int], name: str | None = None) -> ImageCaptionDataset:
         return ImageCaptionDataset(
             name or self.name,
@@ -110,11 +119,66 @@ class ImageCaptionDataset:
             [self.rows[i] for i in indices],
             self.source_size,
             self.fingerprint,
+            self.image_cache,
         )
 
     @property
     def num_captions(self) -> int:
         return sum(len(c) for c in self.captions)
+
+
+class ImageCache:
+    """Images decoded, cropped and resized once per run and shared by every model evaluated on
+    them: a run of many methods decodes each test image once, not once per evaluation.
+
+    Entries are the uint8 pixels a deterministic transform gives before normalisation (a
+    quarter of float32's bytes), keyed by the image's source and the transform's geometry;
+    every read normalises them again, so it returns exactly what the transform returns. Memory
+    is bounded: past ``max_bytes`` the least recently used entries leave, and a transform with
+    random crops (training) is never cached.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"image cache: max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple, tuple[Any, Tensor]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def pixels(self, source: Any, load, transform) -> Tensor:
+        """``transform(load())`` for the image ``source`` (a path, an :class:`HFImage`, a PIL
+        image), from the cache when it holds it."""
+        geometry = getattr(transform, "cache_key", None)
+        if geometry is None:  # a random or foreign transform: nothing to share
+            return transform(load())
+        key = (_source_key(source), geometry)
+        if (entry := self._entries.get(key)) is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return transform.normalise(entry[1])
+        self.misses += 1
+        x = transform.to_uint8(load())
+        self._add(key, source, x)
+        return transform.normalise(x)
+
+    def _add(self, key: tuple, source: Any, x: Tensor) -> None:
+        size = x.numel() * x.element_size()
+        if size > self.max_bytes:
+            return
+        while self.nbytes + size > self.max_bytes:
+            _, (_, old) = self._entries.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+        self._entries[key] = (source, x)  # the source is kept so that its id stays unique
+        self.nbytes += size
+
+
+def _source_key(source: Any) -> tuple:
+    """A file by its path; an in-memory image or a dataset row by identity."""
+    return ("path", str(source)) if isinstance(source, Path) else ("object", id(source))
 
 
 def read_image(image: Path | HFImage | Image.Image) -> Image.Image:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..distributed import shard_map
 from ..utils import check_finite
+from . import cache as embedding_cache
 
 Recall = dict[str, dict[str, float]]
 
@@ -119,11 +120,29 @@ def _embed_images(encoder, ds, idx, batch_size, progress) -> Tensor:
         _progress(len(idx), f"images {getattr(ds, 'name', '')}", progress) as bar,
     ):
         for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            pixels = torch.stack([encoder.image_transform(ds.load_image(i)) for i in chunk])
-            out.append(_finish(encoder.encode_image(pixels.to(device))))
-            bar.update(len(chunk))
+            pixels = image_batch(ds, idx[start : start + batch_size], encoder.image_transform)
+            out.append(_finish(_encode(encoder, "image", pixels.to(device))))
+            bar.update(len(pixels))
     return torch.cat(out)
+
+
+def _encode(encoder: Encoder, modality: str, inputs) -> Tensor:
+    """``encoder.encode_<modality>(inputs)``, through the run's embedding cache when the method
+    doing it belongs to a model whose output its weights alone decide (:mod:`.cache`)."""
+    run = getattr(encoder, f"encode_{modality}")
+    model = getattr(run, "__self__", None)  # a wrapper may hand out its backbone's method
+    if isinstance(model, torch.nn.Module):
+        return embedding_cache.encode(model, modality, inputs)
+    return run(inputs)
+
+
+def image_batch(ds: CaptionDataset, indices: Sequence[int], transform: Callable) -> Tensor:
+    """[B, 3, H, W]: the evaluation pixels of items ``indices``, through the dataset's shared
+    image cache when it has one (``ds.pixels``)."""
+    pixels = getattr(ds, "pixels", None)
+    if pixels is None:
+        return torch.stack([transform(ds.load_image(i)) for i in indices])
+    return torch.stack([pixels(i, transform) for i in indices])
 
 
 @torch.no_grad()
@@ -143,7 +162,7 @@ def _embed_texts(encoder, texts, batch_size, progress) -> Tensor:
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start : start + batch_size])
             tokens = {k: v.to(device) for k, v in encoder.tokenize(chunk).items()}
-            out.append(_finish(encoder.encode_text(tokens)))
+            out.append(_finish(_encode(encoder, "text", tokens)))
             bar.update(len(chunk))
     return torch.cat(out)
 

@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from cmrkit.adapters import LoRABank
 from cmrkit.adapters.persistence import load_bank, save_bank
-from cmrkit.eval.retrieval import DatasetEmbeddings, Recall, flatten_captions, recall_at_k
+from cmrkit.eval import cache as embedding_cache
+from cmrkit.eval.retrieval import (
+    DatasetEmbeddings,
+    Recall,
+    flatten_captions,
+    image_batch,
+    recall_at_k,
+)
 from cmrkit.merging import MERGE_RULES as CORE_RULES
 from cmrkit.merging import check_params
 from cmrkit.routing.prototypes import PrototypeMemory, caption_means, task_features
@@ -127,13 +134,13 @@ class RoutedEncoder(nn.Module):
     @torch.no_grad()
     def backbone_image_features(self, pixels: Tensor) -> Tensor:
         """(B, d) L2-normalised frozen-backbone image features: what routing looks at."""
-        with self.bank.disabled():
-            return self.backbone.encode_image(pixels)
+        with self.bank.disabled():  # the bare backbone: a run's cache may hold it already
+            return embedding_cache.encode(self.backbone, "image", pixels)
 
     @torch.no_grad()
     def backbone_text_features(self, tokens: dict[str, Tensor]) -> Tensor:
         with self.bank.disabled():
-            return self.backbone.encode_text(tokens)
+            return embedding_cache.encode(self.backbone, "text", tokens)
 
     def route(self, features: Tensor, modality: str) -> Route:
         """Route items of one ``modality`` ("image" or "text") from their backbone features."""
@@ -272,7 +279,7 @@ def embed_routed(
     with _eval_mode(encoder):
         for a in range(0, len(ds), batch_size):
             items = range(a, min(a + batch_size, len(ds)))
-            pixels = torch.stack([encoder.image_transform(ds.load_image(i)) for i in items])
+            pixels = image_batch(ds, items, encoder.image_transform)
             z = encoder.encode_image_routed(pixels.to(device), image_route[a : a + len(items)])
             images_out.append(_finish(z))
         for a in range(0, len(texts), batch_size):
