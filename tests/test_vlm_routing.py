@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from cmrkit.utils import NonFiniteError
 from cmrkit.vlm import (
     METHODS,
     ExpertPool,
+    RoutingRecorder,
     VLMTrainConfig,
     language_linear_names,
     make_method,
@@ -304,6 +306,48 @@ def test_gate_stage_touches_gates_only():
     for gates in pool.gates.values():
         assert gates.vectors[0].abs().sum() == 0 and gates.vectors[1].abs().sum() > 0
         assert not any(v.requires_grad for v in gates.vectors)
+
+
+class ToyLM(nn.Module):
+    """One Linear as "decoder" and a regression loss: tasks whose inputs differ in mean."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.decoder = nn.Module()
+        self.decoder.proj = nn.Linear(d, d)
+
+    def get_decoder(self) -> nn.Module:
+        return self.decoder
+
+    def forward(self, inputs, labels=None):
+        out = self.decoder.proj(inputs)
+        loss = None if labels is None else nn.functional.mse_loss(out, labels)
+        return SimpleNamespace(logits=out, loss=loss)
+
+
+def test_trained_gates_route_each_task_to_its_expert():
+    """Task k: inputs around its own mean direction, targets W u + M_k u. After both stages
+    per task, PHATGOOSE sends (nearly) every token of task k to expert k."""
+    d, g = 16, torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = ToyLM(d).eval()
+    means = 3 * torch.linalg.qr(torch.randn(d, 2, generator=g)).Q.T
+    maps = [torch.randn(d, d, generator=g) / d**0.5 for _ in range(2)]
+
+    def data(k, seed):
+        gk = torch.Generator().manual_seed(100 * k + seed)
+        inputs = [means[k] + torch.randn(8, 5, d, generator=gk) for _ in range(4)]
+        with torch.no_grad():
+            return [{"inputs": u, "labels": model(u).logits + u @ maps[k].T} for u in inputs]
+
+    config = VLMTrainConfig(steps=100, lr=3e-2)
+    pool = ExpertPool(model, targets=["proj"], rank=4, dropout=0.0, expert_config=config)
+    for k in range(2):
+        pool.learn_task(f"t{k}", data(k, 0))
+    for k in range(2):
+        with pool.routed("phatgoose") as routers, RoutingRecorder(routers) as rec:
+            model(data(k, 9)[0]["inputs"])
+        assert rec.share(k)["decoder.proj"] >= 0.9
 
 
 def test_an_expert_learns_its_task():
