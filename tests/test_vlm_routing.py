@@ -383,6 +383,18 @@ def test_training_is_seeded():
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_training_at_lr_zero_leaves_the_model_as_it_was():
+    model, probe = tiny_llava(), task_batches(1, image=True)[0]
+    base = _logits(model, probe)
+    still = VLMTrainConfig(steps=2, lr=0.0)
+    pool = ExpertPool(model, rank=4, dropout=0.2, expert_config=still, gate_config=still)
+    pool.learn_task("a", task_batches(0, image=True))
+    pool.learn_task("b", task_batches(1, image=True))
+    for router in ("phatgoose", "arrow", "merge", "oracle"):
+        with pool.routed(router, "a"):
+            assert torch.equal(_logits(model, probe), base), router
+
+
 def test_bad_batches_are_named_errors():
     pool = ExpertPool(tiny_llama(), rank=4, expert_config=FAST, gate_config=FAST)
     batch = task_batches(0)[0]
