@@ -395,6 +395,31 @@ def test_training_at_lr_zero_leaves_the_model_as_it_was():
             assert torch.equal(_logits(model, probe), base), router
 
 
+def test_a_resumed_pool_equals_an_uninterrupted_one(tmp_path):
+    stream = [(name, task_batches(t)) for t, name in enumerate("abc")]
+
+    def pool_for(model, **kw):
+        return ExpertPool(model, rank=4, dropout=0.2, expert_config=FAST, gate_config=FAST, **kw)
+
+    whole = pool_for(tiny_llama())
+    for task, batches in stream:
+        whole.learn_task(task, batches)
+    torch.manual_seed(123)  # the global random state differs after the "crash"
+    crashed = pool_for(tiny_llama(), checkpoint=tmp_path / "ckpt")
+    for task, batches in stream[:2]:
+        crashed.learn_task(task, batches)
+    resumed = ExpertPool.load(tmp_path / "ckpt", tiny_llama(), expert_config=FAST, gate_config=FAST)
+    assert resumed.tasks == ["a", "b"]
+    for task, batches in stream:
+        resumed.learn_task(task, batches)  # a and b: stored stats, no training
+    assert resumed.stats["a"] == crashed.stats["a"]
+    for i in range(3):
+        a, b = whole.bank.adapter_state_dict(i), resumed.bank.adapter_state_dict(i)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for name, gates in whole.gates.items():
+        assert all(torch.equal(v, w) for v, w in zip(gates.vectors, resumed.gates[name].vectors))
+
+
 def test_bad_batches_are_named_errors():
     pool = ExpertPool(tiny_llama(), rank=4, expert_config=FAST, gate_config=FAST)
     batch = task_batches(0)[0]

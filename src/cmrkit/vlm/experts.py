@@ -179,7 +179,10 @@ class ExpertPool:
     """A model whose decoder holds one LoRA expert per task and one PHATGOOSE gate per expert
     and wrapped layer; it routes its tokens in any of ``ROUTERS`` ways (:meth:`routed`).
 
-    ``learn_task`` trains each task once (methods that share a pool share its experts).
+    ``learn_task`` trains each task once (methods that share a pool share its experts); with
+    ``checkpoint`` (a folder) the pool is saved after every task, and :meth:`load` of that
+    folder resumes the stream: learned tasks are skipped, the next ones train as in an
+    uninterrupted run (every draw is seeded by the expert's slot and task).
     """
 
     def __init__(
@@ -193,8 +196,10 @@ class ExpertPool:
         expert_config: VLMTrainConfig | None = None,
         gate_config: VLMTrainConfig | None = None,
         bank: LoRABank | None = None,
+        checkpoint: str | Path | None = None,
     ) -> None:
         self.model = model
+        self.checkpoint = checkpoint
         self.bank = bank if bank is not None else wrap_language_model(model, targets)
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.expert_config = expert_config or VLMTrainConfig()
@@ -216,7 +221,10 @@ class ExpertPool:
             return self.stats[task]
         if task in self.tasks:  # its expert slot exists but training stopped with an error
             raise ValueError(f"task {task!r} failed to train in this pool; build a new pool")
-        idx = self.bank.add_adapter(self.rank, self.alpha, self.dropout)
+        idx = len(self.tasks)
+        # The expert's initial A is drawn from (seed, slot, task): a resumed pool draws the same.
+        seed_everything(derived_seed(self.expert_config.seed, idx, task, "init"))
+        self.bank.add_adapter(self.rank, self.alpha, self.dropout)
         for name, gates in self.gates.items():
             gates.add_gate(self.bank.layers[name].weight)
         self.tasks.append(task)
@@ -237,6 +245,8 @@ class ExpertPool:
             self.bank.freeze()
             self.bank.set_routing(AdapterRouting.none())
         self.stats[task] = {"expert": expert, "gate": gate}
+        if self.checkpoint is not None:  # atomic: a crash leaves the previous task's pool
+            self.save(self.checkpoint)
         return self.stats[task]
 
     def train_gates(self, idx: int, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

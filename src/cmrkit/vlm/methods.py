@@ -33,6 +33,7 @@ from torch import nn
 from cmrkit.adapters import AdapterRouting
 from cmrkit.adapters.persistence import save_bank
 from cmrkit.routing.tokens import RoutingRecorder
+from cmrkit.utils import derived_seed, seed_everything
 from cmrkit.vlm.experts import (
     LLAMA_TARGETS,
     ExpertPool,
@@ -94,6 +95,7 @@ class _OneLoRA(VLMMethod):
         self.targets, self.rank, self.alpha, self.dropout = targets, rank, alpha, dropout
         self.config = expert_config or VLMTrainConfig()
         self.bank = wrap_language_model(self.model, targets)
+        seed_everything(derived_seed(self.config.seed, self.name, "init"))
         self.bank.add_adapter(rank, alpha, dropout)
         self.tasks: list[str] = []
 
