@@ -114,6 +114,7 @@ def _extra_commands():
         "cmrkit.classify",
         "cmrkit.index.cli",
         "cmrkit.serve.cli",
+        "cmrkit.vlm.cli",
     ):
         try:
             registers.append(__import__(module, fromlist=["register"]).register)
