@@ -27,7 +27,7 @@ OPTIONAL_EXTRAS = {
 PRETRAIN_HELP = {
     "out": "where to write the image tower (default: the shipped weights file)",
     "steps": "optimizer steps",
-    "batch_size": "image-caption pairs per step",
+    "batch_size": "image-caption pairs per step (per process under torchrun)",
     "lr": "peak learning rate (AdamW, cosine after warm-up)",
     "weight_decay": "AdamW weight decay",
     "warmup_steps": "linear warm-up steps",
@@ -326,6 +326,7 @@ def _pretrain_parser(sub) -> None:
 
 
 def _run_pretrain(args) -> int:
+    from . import distributed
     from .data.suites import default_data_root
     from .train.pretrain import PretrainConfig, pretrain
 
@@ -336,7 +337,8 @@ def _run_pretrain(args) -> int:
         f.name: getattr(args, f.name) for f in fields(PretrainConfig) if f.name != "data_root"
     }
     info = pretrain(PretrainConfig(data_root=str(root), **values))
-    print(json.dumps(info, indent=2))
+    if distributed.is_main():  # under torchrun, rank 0 reports what it wrote
+        print(json.dumps(info, indent=2))
     return 0
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -60,6 +61,42 @@ def gather_with_grad(x: Tensor) -> Tensor:
     from torch.distributed._functional_collectives import all_gather_single_autograd
 
     return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
+
+
+# --- batch norm over the global batch ----------------------------------------------------------
+class _GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span every rank's batch, on any device (torch's
+    ``SyncBatchNorm`` needs a GPU). Two all-reduces with gradient (the sum, then the squared
+    deviations from the global mean) give the concatenated batch's mean and biased variance, so
+    the output, its gradient (after DDP's averaging) and the running statistics are those of one
+    process at N times the batch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * world_size()
+        mean = all_reduce(x.sum(dims)) / n
+        centred = x - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / n
+        with torch.no_grad():  # as nn.BatchNorm2d: the running variance is the unbiased one
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+def global_batch_norm(module: nn.Module) -> nn.Module:
+    """Under a process group, make every BatchNorm2d in ``module`` normalise over the global
+    batch in training (in place: parameters, buffers and state-dict keys stay as they are)."""
+    if world_size() > 1:
+        for m in module.modules():
+            if type(m) is nn.BatchNorm2d and m.affine and m.track_running_stats:
+                m.__class__ = _GlobalBatchNorm  # a subclass adding no state: only forward changes
+    return module
 
 
 # --- DDP around what trains ---------------------------------------------------------------------

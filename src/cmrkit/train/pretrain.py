@@ -11,6 +11,12 @@ test rows), so the backbone knows icons and glyphs as CLIP knows web concepts, w
 classification suites evaluate only the other themes and fonts. ``cls_weight`` (``icons=4``)
 draws a cls domain's images that many times as often as the rest of the pool: icons are a small
 share of it (1733 of 22475 images) and the backbone barely learns them at weight 1.
+
+Under ``torchrun`` N processes do the job of one with N times the batch (``batch_size`` is per
+process): images are decoded and captions embedded in shards and gathered, every rank draws the
+same global batch from the one seeded stream and trains on its slice, the image tower is wrapped
+in DDP and the contrastive loss spans the global batch (features gathered with gradient, as in
+``cmrkit bench``); rank 0 alone writes the weights.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..backbones.embedded import (
     CLS_VISION_WEIGHTS,
     VISION_CONFIG,
@@ -36,6 +43,7 @@ from ..backbones.embedded import (
 )
 from ..data.dataset import ImageCaptionDataset, load_imagefolder
 from ..utils import atomic_write, flush_denormals, seed_everything
+from . import distributed as ddp
 from .loop import warmup_cosine
 from .losses import clip_loss
 
@@ -109,36 +117,43 @@ def _pretrain(cfg: PretrainConfig) -> dict:
     model.max_text_length = cfg.caption_tokens
     text_emb, owner = _caption_embeddings(model, corpus)
     prepared_s = time.time() - started
+    if distributed.world_size() > 1:  # each rank's own randomness; one process draws as before
+        seed_everything(ddp.rank_seed(cfg.seed))
+    ddp.global_batch_norm(model.vision)  # the conv stem's BatchNorm sees the global batch
 
     params = [p for n, p in model.named_parameters() if not n.startswith("text.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    step = ddp.training_step(_ImageTowerLoss(model), params)  # DDP-wrapped under torchrun
     gen = torch.Generator().manual_seed(cfg.seed)
     captions_of = _captions_by_image(owner, len(corpus))
     model.vision.train()
     losses = []
-    bar = tqdm(range(cfg.steps), desc="pretrain", mininterval=5)
+    mine = slice(*distributed.shard_bounds(cfg.batch_size * distributed.world_size()))
+    bar = tqdm(range(cfg.steps), desc="pretrain", mininterval=5, disable=not distributed.is_main())
     for _ in bar:
-        idx = _draw(len(corpus), cfg.batch_size, draw_weights, gen)
+        # The global batch, drawn alike on every rank from the one stream; each trains its slice.
+        idx = _draw(len(corpus), cfg.batch_size * distributed.world_size(), draw_weights, gen)
         x = _random_crops(pixels[idx], size, gen).float()
         pick = [
             captions_of[i][torch.randint(len(captions_of[i]), (1,), generator=gen)] for i in idx
         ]
         t = text_emb[torch.stack(pick).squeeze(1)]
-        z = F.normalize(model._image_features(x), dim=-1)
-        loss = clip_loss(z, t, model.logit_scale.exp().clamp(max=100))
+        loss = step(x[mine], t[mine])["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(distributed.mean_over_ranks(loss.item()))  # the global batch's loss
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
 
     state = {k: v.contiguous() for k, v in model.image_state_dict().items()}
     out = Path(cfg.out)
-    atomic_write(out, lambda p: save_file(state, str(p)))
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    digest = None  # rank 0 alone writes (the other ranks hold the same weights)
+    if distributed.is_main():
+        atomic_write(out, lambda p: save_file(state, str(p)))
+        digest = hashlib.sha256(out.read_bytes()).hexdigest()
     info = {
         "vision_config": VISION_CONFIG,
         "pretrain_config": asdict(cfg) | {"data_root": "<data-root>", "out": out.name},
@@ -150,8 +165,24 @@ def _pretrain(cfg: PretrainConfig) -> dict:
         "total_s": round(time.time() - started, 1),
         "torch": torch.__version__,
     }
-    atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(info, indent=2)))
+    if distributed.world_size() > 1:
+        info["processes"] = distributed.world_size()  # batch_size is per process
+    if distributed.is_main():
+        atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(info, indent=2)))
+    distributed.barrier()  # no rank leaves before the weights are written
     return info
+
+
+class _ImageTowerLoss:
+    """The pretraining loss in a method's ``training_loss`` form, so that
+    :func:`~cmrkit.train.distributed.training_step` wraps it in DDP as it wraps a method's."""
+
+    def __init__(self, model: MiniDualEncoder) -> None:
+        self.model = model
+
+    def training_loss(self, pixels: torch.Tensor, text_emb: torch.Tensor) -> dict:
+        z = F.normalize(self.model._image_features(pixels), dim=-1)
+        return {"loss": clip_loss(z, text_emb, self.model.logit_scale.exp().clamp(max=100))}
 
 
 def _draw(n: int, batch: int, weights: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
@@ -205,14 +236,19 @@ def _cls_pretraining_part(root: Path) -> list[ImageCaptionDataset]:
 
 
 def _decode(ds: ImageCaptionDataset, side: int, model: MiniDualEncoder) -> torch.Tensor:
-    """All images as one normalised tensor (N, 3, side, side): decoded once, cropped per step."""
+    """All images as one normalised tensor (N, 3, side, side): decoded once (under torchrun in
+    shards, gathered), cropped per step."""
     from ..backbones.transforms import ImageTransform
 
     to_tensor = ImageTransform(side, model.image_mean, model.image_std)
-    out = torch.empty(len(ds), 3, side, side, dtype=torch.float16)
-    for i in tqdm(range(len(ds)), desc="decode images", mininterval=5):
-        out[i] = to_tensor(ds.load_image(i)).half()
-    return out
+
+    def decode(indices) -> torch.Tensor:
+        out = torch.empty(len(indices), 3, side, side, dtype=torch.float16)
+        for j, i in enumerate(tqdm(indices, desc="decode images", mininterval=5)):
+            out[j] = to_tensor(ds.load_image(i)).half()
+        return out
+
+    return distributed.shard_map(range(len(ds)), decode)
 
 
 @torch.inference_mode()
@@ -220,11 +256,15 @@ def _caption_embeddings(model: MiniDualEncoder, ds: ImageCaptionDataset, batch: 
     texts = [c for caps in ds.captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(ds.captions) for _ in caps])
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
-    emb = torch.empty(len(texts), model.embed_dim)
+    batches = [order[s : s + batch] for s in range(0, len(order), batch)]
     model.text.eval()
-    for s in tqdm(range(0, len(order), batch), desc="embed captions", mininterval=5):
-        ids = order[s : s + batch]
-        emb[ids] = model.encode_text(model.tokenize([texts[i] for i in ids]))
+
+    def embed(part) -> torch.Tensor:  # whole batches: each caption padded as in one process
+        bar = tqdm(part, desc="embed captions", mininterval=5)
+        return torch.cat([model.encode_text(model.tokenize([texts[i] for i in b])) for b in bar])
+
+    emb = torch.empty(len(texts), model.embed_dim)
+    emb[order] = distributed.shard_map(batches, embed)  # under torchrun: batches in shards
     return emb, owner
 
 
