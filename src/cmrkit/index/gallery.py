@@ -22,6 +22,11 @@ only the versions and temporary folders it wrote. ``load`` checks every checksum
 is an error, never a score); :meth:`GalleryIndex.verify` checks everything else (finite unit
 vectors, FAISS holding what the arrays say, routes within the bank). Non-finite vectors are
 refused when added. No pickles: JSON and safetensors only.
+
+The vectors live in FAISS (in memory; the folder's arrays are the record) or in another store
+with FAISS's face: :class:`~cmrkit.index.milvus.MilvusVectors` also holds each item's metadata
+(filters run inside Milvus) and keeps versions behind an alias: writes go to a new collection,
+which ``save`` (or :meth:`GalleryIndex.publish`) makes live in one step.
 """
 
 from __future__ import annotations
