@@ -148,8 +148,15 @@ def test_what_weights_alone_do_not_decide_is_never_cached():
         for p in bank.trainable_parameters():
             p.normal_()
     bank.freeze()
-    with bank.routing(AdapterRouting.single(0)):
-        assert cache.weights_digest(model) is None  # the adapter acts
+    per_sample = AdapterRouting.hard(torch.zeros(3, dtype=torch.long))
+    with bank.routing(per_sample):
+        assert cache.weights_digest(model) is None  # routes the input does not show
+    with bank.routing(AdapterRouting.single(0)):  # one adapter on every item: its weights count
+        single = cache.weights_digest(model)
+        assert single is not None
+        with torch.no_grad():
+            bank.layers[next(iter(bank.layers))].lora_B[0].add_(1.0)
+        assert cache.weights_digest(model) not in (None, single)
     with bank.disabled():  # the bare backbone: the same digest as the model without a bank
         assert cache.weights_digest(model) == cache.weights_digest(
             load_backbone("tiny-mini").eval()
@@ -210,7 +217,7 @@ def _numbers(results):
 
 
 def test_bench_numbers_are_the_same_with_and_without_the_caches(suite, tmp_path):
-    methods = ("zeroshot", "finetune", "dar")
+    methods = ("zeroshot", "finetune", "lora_ft", "l2p", "dar")
     plain = run_bench(tiny_bench_config(suite, tmp_path / "plain", methods, cache_mb=0))
     bench = Bench(tiny_bench_config(suite, tmp_path / "cached", methods))
     cached = bench.run()

@@ -10,7 +10,8 @@ A hit returns the tensor the same call computed before, so numbers do not move. 
 function of weights alone is cached: a module tree of known layers (torch, transformers,
 open_clip, cmrkit's backbones) in eval mode, without hooks, under ``torch.no_grad``; LoRA bank
 layers count only while their routing is "none" (their base Linear alone acts; their adapters
-are then left out of the digest, so a disabled bank shares the bare backbone's entries).
+are then left out of the digest, so a disabled bank shares the bare backbone's entries) or
+"single" (one adapter acts on every item: its weights and scale join the digest).
 Anything else (a routed encoder, prompts, training mode) is computed every time.
 """
 
@@ -70,7 +71,7 @@ class EmbeddingCache:
         state = _function_state(model)
         if state is None:
             return None
-        signature = tuple((id(t), t._version) for _, t in state)
+        signature = tuple((name, id(t), t._version) for name, t in state)
         known = self._digests.get(id(model))
         if known is not None and known[0] == signature:
             return known[1]
@@ -93,19 +94,21 @@ class EmbeddingCache:
 
 
 def _function_state(model: nn.Module) -> list[tuple[str, Tensor]] | None:
-    """(name, tensor) of every parameter and buffer that acts, a LoRA layer under routing "none"
-    named as the Linear it wraps; None when something else decides the output."""
+    """(name, tensor) of every parameter and buffer that acts (names carry what else decides a
+    layer's output); None when something else decides it."""
     state: list[tuple[str, Tensor]] = []
-    lora: list[str] = []  # names of LoRA bank layers: only their ``base`` acts
+    lora: list[str] = []  # names of LoRA bank layers: their own entries describe what acts
     for name, module in model.named_modules():
-        owner = next((p for p in lora if name.startswith(p + ".")), None)
-        if owner is not None and name != owner + ".base":
-            continue  # adapters, their dropout, a token router: idle under routing "none"
         if module.training or module._forward_hooks or module._forward_pre_hooks:
             return None
+        owner = next((p for p in lora if name.startswith(p + ".")), None)
+        if owner is not None and name != owner + ".base":
+            continue  # adapters, their dropout, a token router: entered with their layer
         if hasattr(module, "lora_A") and hasattr(module, "base"):  # a LoRA bank layer
-            if module.routing.mode != "none":
+            acting = _lora_state(name, module)
+            if acting is None:
                 return None
+            state += acting
             lora.append(name)
             continue
         if not type(module).__module__.startswith(PURE_MODULES):
@@ -114,6 +117,20 @@ def _function_state(model: nn.Module) -> list[tuple[str, Tensor]] | None:
         for kind in (module._parameters, module._buffers):
             state += [(prefix + k, t) for k, t in kind.items() if t is not None]
     return state
+
+
+def _lora_state(name: str, layer: nn.Module) -> list[tuple[str, Tensor]] | None:
+    """What of a LoRA bank layer acts besides its base Linear: nothing under routing "none" (it
+    is then the Linear it wraps, named so), one adapter and its scale under "single"; None for
+    per-sample routing, which its input does not show."""
+    routing = layer.routing
+    if routing.mode == "none":
+        return []
+    if routing.mode != "single":
+        return None
+    i = routing.index
+    tag = f"{name}@single{i}x{layer.alphas[i]!r}."
+    return [(tag + "A", layer.lora_A[i]), (tag + "B", layer.lora_B[i])]
 
 
 def input_digest(inputs) -> str:
