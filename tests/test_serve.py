@@ -416,6 +416,35 @@ def test_add_domain_reembeds_only_changed_routes_and_swaps(served, world):
     )
 
 
+def _frozen_tensors(encoder) -> dict[str, int]:
+    """Storage address of each backbone tensor outside the LoRA adapters."""
+    state = encoder.backbone.state_dict(keep_vars=True)
+    return {k: v.data_ptr() for k, v in state.items() if ".lora_" not in k}
+
+
+def test_add_domain_loads_the_new_bank_onto_the_live_backbones_weights(served, world):
+    """One backbone in memory across an add-domain (a second one doubled the server's RSS), and
+    both versions still encode as fresh loads of their banks do."""
+    client, engine = served["client"], served["engine"]
+    old = engine.snapshot.encoder
+    r = client.post("/api/admin/domains", json={"bank": str(world["b2"])}, headers=_auth())
+    assert _wait_job(client, r.json()["id"])["state"] == "done"
+    new = engine.snapshot.encoder
+    assert new is not old and new.bank is not old.bank and new.bank.num_adapters == 2
+    assert _frozen_tensors(new) == _frozen_tensors(old)  # the same storage, not a copy
+    pixels = torch.stack(
+        [old.image_transform(Image.open(p).convert("RGB")) for p in world["paths"]]
+    )
+    for encoder, bank in ((old, world["b1"]), (new, world["b2"])):
+        fresh = load_routed_encoder(bank, None, None)
+        with torch.no_grad():
+            got, want = (
+                e.encode_image_routed(pixels, e.route(e.backbone_image_features(pixels), "image"))
+                for e in (encoder, fresh)
+            )
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 def test_search_during_an_update_answers_from_exactly_one_version(served, world):
     client, engine = served["client"], served["engine"]
     started, release = threading.Event(), threading.Event()

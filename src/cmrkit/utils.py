@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import os
@@ -104,6 +106,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def write_json(path: str | Path, obj) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
     return atomic_write(path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+
+
+def release_free_memory() -> None:
+    """Hand memory that Python and the C allocator hold free back to the system: collect
+    unreachable cycles, then (glibc) trim every malloc arena. A long-lived process that has just
+    dropped large temporaries (a re-embedded gallery, a replaced model) otherwise keeps their
+    pages resident; elsewhere only the collection runs."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.malloc_trim(0)
 
 
 def quiet_transformers() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,6 +93,7 @@ def load_routed_encoder(
     backbone: str | None,
     device: str | None,
     allow_backbones: Sequence[str] = (),
+    share: Any = None,
 ) -> Any:
     """DAR's routed encoder for a saved adapter bank (or a bench run folder holding one).
 
@@ -99,6 +101,10 @@ def load_routed_encoder(
     if it is a built-in model (cmrkit-mini, tiny-*) or listed in ``allow_backbones``: a bank file
     never chooses by itself a model folder or hub id to load. Either way the loaded model must
     match the fingerprint the bank recorded.
+
+    ``share``: a loaded routed encoder. If its backbone is the spec to load, the new encoder is
+    built on that model's frozen weights instead of a second copy of them (``cmrkit serve``
+    swapping banks holds one backbone in memory, not two).
     """
     from cmrkit.adapters.persistence import read_bank_meta, resolve_bank_dir, trusted_backbone
     from cmrkit.backbones import load_backbone
@@ -107,13 +113,31 @@ def load_routed_encoder(
     bank_dir = resolve_bank_dir(bank_dir)
     meta = read_bank_meta(bank_dir)
     spec = trusted_backbone(meta, bank_dir, backbone, allow_backbones)
-    model = load_backbone(spec)
+    if share is not None and getattr(share, "backbone_spec", None) == spec:
+        model = _without_bank_sharing_weights(share.backbone)
+    else:
+        model = load_backbone(spec)
     encoder = RoutedEncoder.load(bank_dir, model)
     encoder.backbone_spec = spec
     encoder.bank_dir = bank_dir.resolve()
     if device:
         encoder.to(device)
     return encoder.eval()
+
+
+def _without_bank_sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a bank-wrapped ``model`` as it was before its bank: each LoRA bank layer is its
+    base Linear again, and every other parameter and buffer is the original tensor (shared, not
+    copied: they are frozen), so the copy costs module objects, not weights."""
+    from cmrkit.adapters.lora_bank import LoRABankLinear
+
+    shared: dict[int, Any] = {}
+    for module in model.modules():
+        if isinstance(module, LoRABankLinear):
+            shared[id(module)] = module.base  # the Linear itself, shared by both models
+    for tensor in (*model.parameters(), *model.buffers()):
+        shared[id(tensor)] = tensor
+    return copy.deepcopy(model, memo=shared)
 
 
 def _setup(args) -> None:

@@ -29,7 +29,7 @@ from PIL import Image
 from cmrkit.index import GalleryIndex, bank_fingerprint
 from cmrkit.index.cli import load_routed_encoder
 from cmrkit.serve.limits import Limits, Refused
-from cmrkit.utils import atomic_write
+from cmrkit.utils import atomic_write, release_free_memory
 
 PREFILTER_SHARE = 0.5  # filters keeping at most this share of the gallery run inside FAISS
 UPLOAD_DOMAIN = "uploads"
@@ -137,14 +137,14 @@ class Engine:
         bank: str | Path | None = None,
         limits: Limits | None = None,
         device: str | None = None,
-        load_encoder: Callable[[str, str | None, str | None], Any] = load_routed_encoder,
+        load_encoder: Callable[[str, str | None, str | None], Any] | None = None,
     ) -> None:
         self.index_dir = Path(index_dir)
         self.state_dir = Path(state_dir)
         self.uploads = self.state_dir / "uploads"
         self.limits = limits or Limits()
         self.device = device
-        self._load_encoder = load_encoder
+        self._load_encoder = load_encoder or self._load_on_live_backbone
         self._write = threading.Lock()
         self.jobs: dict[str, Job] = {}
         index = GalleryIndex.load(self.index_dir, use_gpu=False)
@@ -167,6 +167,15 @@ class Engine:
     def _encoder(self, bank: str, index: GalleryIndex) -> Any:
         # never the backbone a (possibly crafted) index.json names: the bank's consent check decides
         return self._load_encoder(bank, None, self.device)
+
+    def _load_on_live_backbone(self, bank: str, backbone: str | None, device: str | None) -> Any:
+        """A bank's routed encoder; once serving, on the live encoder's frozen weights (a second
+        backbone beside the live one doubled the server's memory after an add-domain)."""
+        live = getattr(self, "snapshot", None)
+        if live is None:
+            return load_routed_encoder(bank, backbone, device)
+        with live.lock:  # no routed pass runs on the model while it is copied
+            return load_routed_encoder(bank, backbone, device, share=live.encoder)
 
     # --- reads ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -389,8 +398,14 @@ class Engine:
         self._claim_write()  # released by the job's thread when it ends
         job = Job(id=uuid.uuid4().hex[:12], kind="add_domain")
         self.jobs[job.id] = job
-        threading.Thread(target=self._run_domain, args=(job, bank_dir), daemon=True).start()
+        threading.Thread(target=self._domain_job, args=(job, bank_dir), daemon=True).start()
         return job
+
+    def _domain_job(self, job: Job, bank_dir: Path) -> None:
+        self._run_domain(job, bank_dir)
+        # Once the job's frame has let go of the replaced version: its bank and index, and the
+        # re-embedding's temporaries (hundreds of MB the allocator would otherwise keep).
+        release_free_memory()
 
     def _run_domain(self, job: Job, bank_dir: Path) -> None:
         try:
