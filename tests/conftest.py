@@ -91,3 +91,13 @@ def bench_argv(suite: Path, out: Path, methods: str, *extra: str) -> list[str]:
     """``cmrkit bench`` arguments for ``methods`` on the tiny random backbone, quietly."""
     run = ["--suite", str(suite), "--methods", methods, "--out", str(out)]
     return ["bench", *run, "--backbone", "tiny-mini", "--no-progress", *extra]
+
+
+def randomise_lora_b(bank, seed: int, adapters=None, std: float = 0.3) -> None:
+    """Draw the B matrices of a LoRA bank's ``adapters`` (default: all) from N(0, std²), seeded,
+    layer by layer: an untrained adapter (B = 0) changes nothing, tests need ones that act."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in bank.layers.values():
+            for idx in range(len(layer.lora_B)) if adapters is None else adapters:
+                layer.lora_B[idx].copy_(std * torch.randn(layer.lora_B[idx].shape, generator=g))

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import write_tiny_suite
+from conftest import randomise_lora_b, write_tiny_suite
 
 from cmrkit.ablate import AblationConfig, RunSettings, run_ablation
 from cmrkit.adapters import AdapterRouting, inject_lora_bank
@@ -47,11 +47,7 @@ def dar():
     """DAR after three tasks, its adapters made large so that routing visibly matters."""
     method = build_method("dar", load_backbone("tiny-mini"), rank=4, alpha=8.0)
     _learn(method, [_ds(s, 8, seed=i) for i, s in enumerate(STYLES)])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in method.bank.layers.values():
-            for b in layer.lora_B:
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+    randomise_lora_b(method.bank, seed=0)
     return method
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_tiny_suite
+from conftest import randomise_lora_b, write_tiny_suite
 from PIL import Image
 from torch import Tensor
 
@@ -80,10 +80,7 @@ class FakeRouted:
 
 def _random_adapter(bank, seed: int) -> int:
     idx = bank.add_adapter(rank=4, alpha=8.0, dropout=0.0)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in bank.layers.values():
-            layer.lora_B[idx].copy_(0.3 * torch.randn(layer.lora_B[idx].shape, generator=g))
+    randomise_lora_b(bank, seed, adapters=[idx])
     return idx
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import randomise_lora_b
 from safetensors.torch import load_file, save_file
 
 from cmrkit.adapters import AdapterRouting, inject_lora_bank
@@ -38,11 +39,7 @@ def dar():
         ctx = TaskContext(t, style, _ds(style, 6, t), TrainConfig(), [])
         method.begin_task(ctx)
         method.end_task(ctx)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in method.bank.layers.values():
-            for b in layer.lora_B:
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+    randomise_lora_b(method.bank, seed=0)
     return method
 
 
@@ -264,10 +261,7 @@ def test_peft_on_a_stock_clipmodel_loads_a_cmrkit_export(clip_folder, tmp_path):
     backbone = load_backbone(f"hf:{clip_folder}").eval()
     bank = inject_lora_bank(backbone, backbone.lora_targets)
     idx = bank.add_adapter(rank=4, alpha=8.0, dropout=0.0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in bank.layers.values():
-            layer.lora_B[idx].copy_(torch.randn(layer.lora_B[idx].shape, generator=g) * 0.3)
+    randomise_lora_b(bank, seed=0, adapters=[idx])
     export_peft(
         bank,
         idx,

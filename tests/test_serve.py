@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomise_lora_b
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -50,10 +51,7 @@ def _bank(folder: Path, images: list[Image.Image], n_tasks: int) -> Path:
     memory = PrototypeMemory(backbone.embed_dim)
     for t in range(n_tasks):
         idx = bank.add_adapter(rank=4, alpha=8.0, dropout=0.0)
-        g = torch.Generator().manual_seed(t + 1)
-        with torch.no_grad():
-            for layer in bank.layers.values():
-                layer.lora_B[idx].copy_(0.3 * torch.randn(layer.lora_B[idx].shape, generator=g))
+        randomise_lora_b(bank, seed=t + 1, adapters=[idx])
         rows = list(range(t, len(images), 3))
         ds = ImageCaptionDataset(
             name=f"t{t}",
