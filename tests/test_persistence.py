@@ -280,19 +280,26 @@ def test_peft_on_a_stock_clipmodel_loads_a_cmrkit_export(clip_folder, tmp_path):
         assert _max_diff(ours, _stock_features(theirs, pixels, tokens)) > 1e-3
 
 
-def test_cmrkit_imports_an_adapter_peft_made_on_a_stock_clipmodel(clip_folder, tmp_path):
+def _peft_on_stock_clip(clip_folder, rank: int, alpha: int, seed: int):
+    """PEFT's LoRA on a bare CLIPModel, its B matrices random (seeded) so that it acts."""
     peft = pytest.importorskip("peft")
     from transformers import CLIPModel
 
     from cmrkit.backbones.hf import CLIP_TARGETS
 
-    config = peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=0.0, target_modules=list(CLIP_TARGETS))
+    targets = list(CLIP_TARGETS)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
     theirs = peft.get_peft_model(CLIPModel.from_pretrained(clip_folder), config).eval()
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return theirs
+
+
+def test_cmrkit_imports_an_adapter_peft_made_on_a_stock_clipmodel(clip_folder, tmp_path):
+    theirs = _peft_on_stock_clip(clip_folder, rank=4, alpha=6, seed=1)
     theirs.save_pretrained(tmp_path)
     backbone = load_backbone(f"hf:{clip_folder}").eval()
     bank = inject_lora_bank(backbone, backbone.lora_targets)
@@ -309,17 +316,10 @@ def test_cli_round_trip_through_a_stock_clipmodel(clip_folder, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import CLIPModel
 
-    from cmrkit.backbones.hf import CLIP_TARGETS
     from cmrkit.cli import main
     from cmrkit.data.synthetic import write_imagefolder
 
-    config = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=list(CLIP_TARGETS))
-    theirs = peft.get_peft_model(CLIPModel.from_pretrained(clip_folder), config).eval()
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs = _peft_on_stock_clip(clip_folder, rank=2, alpha=4, seed=2)
     theirs.save_pretrained(tmp_path / "theirs")
     data = write_imagefolder(tmp_path / "flat", n=4, style="flat", seed=5, size=32)
     spec = ["--backbone", f"hf:{clip_folder}"]
