@@ -121,6 +121,20 @@ def release_free_memory() -> None:
     libc.malloc_trim(0)
 
 
+def reuse_freed_memory() -> bool:
+    """(glibc) Keep freed blocks for the next allocation instead of handing them back to the
+    system, for the rest of the process. A batch's activations (tens of MB each) otherwise come
+    from fresh mmaps every forward, and their page faults cost about a fifth of a CPU forward of
+    cmrkit-mini at batch 256; no number changes. Resident memory stays at its peak (what
+    :func:`release_free_memory` gives back). False where the allocator is not glibc's."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31))
+
+
 def quiet_transformers() -> None:
     """Silence transformers' load reports and progress bars (they flood CLI output)."""
     from transformers.utils import logging
