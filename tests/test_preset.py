@@ -4,34 +4,23 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import yaml
+from conftest import bench_argv, write_tiny_suite
 
 import cmrkit.bench as bench_module
 from cmrkit.bench import Bench, BenchConfig, carve_validation, load_preset, method_config
 from cmrkit.cli import main
 from cmrkit.data.suites import CONFIG_DIR
 
-SUITE = textwrap.dedent("""
-    name: tiny
-    order: given
-    tasks:
-      - {name: flat, train: {synthetic: {style: flat, n: 10, seed: 1}},
-         test: {synthetic: {style: flat, n: 6, seed: 11}}}
-      - {name: pixel, train: {synthetic: {style: pixel, n: 10, seed: 2}},
-         test: {synthetic: {style: pixel, n: 6, seed: 12}}}
-""")
-BASE = ["--backbone", "tiny-mini", "--eval-batch-size", "32", "--no-progress", "--max-steps", "1"]
+BASE = ["--eval-batch-size", "32", "--max-steps", "1"]
 REFERENCE = yaml.safe_load((CONFIG_DIR / "presets" / "reference.yaml").read_text())
 
 
 @pytest.fixture
 def suite(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(SUITE)
-    return path
+    return write_tiny_suite(tmp_path, train=10, test=6, probes=())
 
 
 def family_train(method: str) -> dict:
@@ -41,7 +30,7 @@ def family_train(method: str) -> dict:
 
 
 def bench_args(suite, out, *extra, methods="finetune,dar"):
-    return ["bench", "--suite", str(suite), "--methods", methods, "--out", str(out), *BASE, *extra]
+    return bench_argv(suite, out, methods, *BASE, *extra)
 
 
 def stored_train(out) -> dict:
