@@ -6,7 +6,8 @@ classes get experts trained on 70 % of their train items and are scored on the o
 "val-unseen" classes are never trained and are scored on all their train items through the hub,
 argmax over all the subset's classes (as Class-IL's CI-Transfer). Training settings (n_ctx, lr,
 epochs) are chosen on val-seen accuracy; the mixture's k, tau, alpha and composition on val-unseen
-accuracy, with the experts of ``--mix-setting`` (default: the chosen n_ctx 2, lr 2e-3, 10 epochs).
+accuracy, with the experts of ``--mix-setting`` (default: the chosen n_ctx 2, lr 2e-3, 10 epochs) and
+of the same setting without template augmentation (the ablation).
 alpha 0 is moder_nohub: unseen classes zero-shot, seen classes their experts (not the zero-shot
 row, where seen classes are zero-shot too: with argmax over all classes the experts move it).
 
@@ -67,15 +68,19 @@ def main() -> None:
         {"n_ctx": n, "lr": lr, "epochs": ep}
         for n, lr, ep in [(1, 2e-3, 5), (2, 2e-3, 5), (4, 2e-3, 5), (2, 1e-2, 5), (2, 2e-3, 10)]
     ]
+    grid_train += [  # more epochs; the template-augmentation ablation at the chosen setting
+        {"n_ctx": 2, "lr": 2e-3, "epochs": 20},
+        {"n_ctx": 2, "lr": 2e-3, "epochs": 10, "template_augmentation": False},
+    ]
     grid_mix = [
         {"k": k, "tau": tau, "alpha": a, "composition": comp}
         for k, tau, a, comp in itertools.product(
             (1, 3, 5), (0.05, 0.1, 1.0), (0.0, 0.1, 0.25, 0.5, 0.75, 1.0), ("token", "prototype")
         )
     ]
-    mix_setting = grid_train[args.mix_setting]
+    mix_on = [grid_train[args.mix_setting], grid_train[-1]]  # and without template augmentation
     if args.smoke:
-        grid_train, grid_mix, mix_setting = grid_train[:1], grid_mix[:2], grid_train[0]
+        grid_train, grid_mix, mix_on = grid_train[:1], grid_mix[:2], grid_train[:1]
     for domain in args.domains.split(","):
         suite = load_cls_suite(f"cls-{domain}")
         train, _ = suite.datasets[domain]
@@ -100,7 +105,12 @@ def main() -> None:
         for setting in grid_train:
             tic = time.time()
             seed_everything(0)
-            method = build_method("moder", load_backbone(args.backbone), n_ctx=setting["n_ctx"])
+            method = build_method(
+                "moder",
+                load_backbone(args.backbone),
+                n_ctx=setting["n_ctx"],
+                template_augmentation=setting.get("template_augmentation", True),
+            )
             cfg = TrainConfig(
                 epochs=setting["epochs"],
                 batch_size=64,
@@ -118,7 +128,7 @@ def main() -> None:
                 "seen": accuracy(method, train, held, images),
                 "train_s": time.time() - tic,
             }
-            if setting != mix_setting:
+            if setting not in mix_on:
                 continue  # the mixture's constants are chosen on one setting's experts
             for mix in grid_mix:
                 method.k, method.tau, method.alpha = mix["k"], mix["tau"], mix["alpha"]
