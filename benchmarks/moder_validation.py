@@ -6,8 +6,8 @@ classes get experts trained on 70 % of their train items and are scored on the o
 "val-unseen" classes are never trained and are scored on all their train items through the hub,
 argmax over all the subset's classes (as Class-IL's CI-Transfer). Training settings (n_ctx, lr,
 epochs) are chosen on val-seen accuracy; the mixture's k, tau, alpha and composition on val-unseen
-accuracy, with the experts of ``--mix-setting`` (default: the chosen n_ctx 2, lr 2e-3, 10 epochs) and
-of the same setting without template augmentation (the ablation).
+accuracy, with the experts of ``--mix-setting`` (default: the chosen n_ctx 2, lr 2e-3, 10
+epochs) and of the same setting without template augmentation (the ablation).
 alpha 0 is moder_nohub: unseen classes zero-shot, seen classes their experts (not the zero-shot
 row, where seen classes are zero-shot too: with argmax over all classes the experts move it).
 
