@@ -101,3 +101,23 @@ def randomise_lora_b(bank, seed: int, adapters=None, std: float = 0.3) -> None:
         for layer in bank.layers.values():
             for idx in range(len(layer.lora_B)) if adapters is None else adapters:
                 layer.lora_B[idx].copy_(std * torch.randn(layer.lora_B[idx].shape, generator=g))
+
+
+def run_bench_killed_in_task_two(cfg) -> None:
+    """Run bench config ``cfg`` until a method starts training task 2, where it stops as a kill
+    would stop it (what was checkpointed before stays)."""
+    import cmrkit.bench as bench_module
+
+    real_train = bench_module.train_task
+
+    def crash_in_second_task(method, ds, train_cfg, task_index):
+        if task_index == 1:
+            raise KeyboardInterrupt("killed")
+        return real_train(method, ds, train_cfg, task_index)
+
+    bench_module.train_task = crash_in_second_task
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench_module.run_bench(cfg)
+    finally:
+        bench_module.train_task = real_train

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import tiny_bench_config, write_tiny_suite
+from conftest import run_bench_killed_in_task_two, tiny_bench_config, write_tiny_suite
 
 import cmrkit.bench as bench_module
 from cmrkit.bench import run_bench
@@ -39,24 +39,13 @@ def test_results_schema_and_report(suite_yaml, tmp_path):
     assert on_disk["methods"]["finetune"]["metrics"] == results["methods"]["finetune"]["metrics"]
 
 
-def test_resume_after_a_crash_mid_task_gives_identical_metrics(suite_yaml, tmp_path, monkeypatch):
+def test_resume_after_a_crash_mid_task_gives_identical_metrics(suite_yaml, tmp_path):
     reference = run_bench(tiny_bench_config(suite_yaml, tmp_path / "ref"))
-
-    real_train = bench_module.train_task
-
-    def crash_in_second_task(method, ds, cfg, task_index):
-        if task_index == 1:
-            raise KeyboardInterrupt("killed")
-        return real_train(method, ds, cfg, task_index)
-
-    monkeypatch.setattr(bench_module, "train_task", crash_in_second_task)
-    with pytest.raises(KeyboardInterrupt):
-        run_bench(tiny_bench_config(suite_yaml, tmp_path / "crashed"))
+    run_bench_killed_in_task_two(tiny_bench_config(suite_yaml, tmp_path / "crashed"))
     progress = json.loads((tmp_path / "crashed/checkpoints/zeroshot/progress.json").read_text())
     assert progress["done"] == 2  # zeroshot never trains, so it finished
     assert (tmp_path / "crashed/checkpoints/finetune/progress.json").exists()
 
-    monkeypatch.setattr(bench_module, "train_task", real_train)
     resumed = run_bench(tiny_bench_config(suite_yaml, tmp_path / "crashed", resume=True))
     for name in ("zeroshot", "finetune"):
         assert resumed["methods"][name]["recall"] == reference["methods"][name]["recall"]

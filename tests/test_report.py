@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import bench_argv, tiny_bench_config, write_tiny_suite
+from conftest import bench_argv, run_bench_killed_in_task_two, tiny_bench_config, write_tiny_suite
 
 from cmrkit.bench import run_bench
 from cmrkit.cli import main
@@ -145,22 +145,8 @@ def test_resampled_queries_are_fixed_by_name_not_by_run():
 def test_a_resumed_run_has_the_same_intervals_and_comparisons(suite_yaml, tiny_run, tmp_path):
     """Per-query ranks are checkpointed with the method: a run killed after its first task and
     resumed ends with the intervals of the uninterrupted run."""
-    import cmrkit.bench as bench_module
-
-    real_train = bench_module.train_task
-
-    def crash_in_second_task(method, ds, cfg, task_index):
-        if task_index == 1:
-            raise KeyboardInterrupt("killed")
-        return real_train(method, ds, cfg, task_index)
-
     cfg = tiny_bench_config(suite_yaml, tmp_path / "crashed")
-    bench_module.train_task = crash_in_second_task
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_bench(cfg)
-    finally:
-        bench_module.train_task = real_train
+    run_bench_killed_in_task_two(cfg)
     cfg.resume = True
     resumed = run_bench(cfg)
     reference = json.loads((tiny_run / "results.json").read_text())
