@@ -17,11 +17,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_argv, write_tiny_suite
 from safetensors.torch import load_file, save_file
 
 from cmrkit.cli import main
@@ -33,24 +33,7 @@ from cmrkit.utils import NonFiniteError
 ALL = sorted(m for m, cls in METHODS.items() if cls.retrieval)  # moder: cmrkit classify
 CLS_ONLY = sorted(m for m, cls in METHODS.items() if not cls.retrieval)  # mma, rmadapter, ...
 DRIVER = Path(__file__).with_name("kill_driver.py")
-SUITE = textwrap.dedent("""
-    name: tiny
-    order: given
-    tasks:
-      - {name: flat, train: {synthetic: {style: flat, n: 16, seed: 1}},
-         test: {synthetic: {style: flat, n: 8, seed: 11}}}
-      - {name: pixel, train: {synthetic: {style: pixel, n: 16, seed: 2}},
-         test: {synthetic: {style: pixel, n: 8, seed: 12}}}
-    probes:
-      classification:
-        - {name: shapes, test: {synthetic: {style: flat, n: 8, seed: 21}}}
-      retrieval:
-        - {name: dark, test: {synthetic: {style: dark, n: 6, seed: 22}}}
-""")
-BASE = [
-    "--backbone", "tiny-mini", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3",
-    "--eval-batch-size", "64", "--no-progress",
-]  # fmt: skip
+BASE = ["--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--eval-batch-size", "64"]
 # Dropout 0.5 in every adapter, so a dropout mask drawn from an unseeded stream would show.
 SETS = ["lora_ft.dropout=0.5", "dar.dropout=0.5", "cclip.dropout=0.5", "ewc.fisher_batches=1"]
 TIMING = {"seconds", "samples_per_s"}
@@ -58,15 +41,12 @@ TIMING = {"seconds", "samples_per_s"}
 
 @pytest.fixture(scope="module")
 def suite_yaml(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("suite") / "tiny.yaml"
-    path.write_text(SUITE)
-    return path
+    return write_tiny_suite(tmp_path_factory.mktemp("suite"), train=16, test=8)
 
 
 def bench_args(suite_yaml: Path, out: Path, methods: list[str], *extra: str) -> list[str]:
     sets = [arg for s in SETS if s.split(".")[0] in methods for arg in ("--set", s)]
-    run = ["--suite", str(suite_yaml), "--methods", ",".join(methods), "--out", str(out)]
-    return ["bench", *run, *BASE, *sets, *extra]
+    return bench_argv(suite_yaml, out, ",".join(methods), *BASE, *sets, *extra)
 
 
 def numbers(out: Path, method: str) -> dict:
