@@ -1,6 +1,6 @@
-"""Shared test setup: single-threaded torch, quiet transformers, and the tiny synthetic suite
-and bench settings that bench-level tests start from (``from conftest import write_tiny_suite``).
-"""
+"""Shared test setup: single-threaded torch, quiet transformers, and the helpers several test
+files start from (``from conftest import ...``): the tiny synthetic suite, tiny bench settings
+and arguments, a bench run killed in task 2, LoRA adapters with a random B."""
 
 from __future__ import annotations
 
