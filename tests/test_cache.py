@@ -240,7 +240,56 @@ def test_freed_memory_is_reused_without_page_faults():
     if not reuse_freed_memory():
         pytest.skip("not glibc")
     torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # 64 MB, touched, freed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 1000  # fresh pages would be 16384 faults of 4 KiB
+    faults = []
+    for _ in range(3):  # the least of three: another thread's allocation may come between
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert min(faults) < 1000, faults  # fresh pages would be 16384 faults of 4 KiB
+
+
+def _routed(n_tasks: int = 2):
+    """A routed encoder on tiny-mini: one random adapter and one prototype per task."""
+    from cmrkit.routing import PrototypeMemory, RoutedEncoder, task_features
+
+    backbone = load_backbone("tiny-mini").eval()
+    bank = inject_lora_bank(backbone, backbone.lora_targets)
+    memory = PrototypeMemory(backbone.embed_dim)
+    torch.manual_seed(0)
+    for t in range(n_tasks):
+        bank.add_adapter(rank=2)
+        for layer in bank.layers.values():
+            torch.nn.init.normal_(layer.lora_B[t], std=0.5)
+        memory.add(task_features(backbone, generate(("flat", "pixel")[t % 2], 6, t), bank), f"t{t}")
+    return RoutedEncoder(backbone, bank, memory).eval()
+
+
+def test_cached_routed_evaluation_equals_recomputation():
+    encoder = _routed()
+    ds = generate("pixel", 10, seed=13)
+    reference = embed_dataset(encoder, ds, batch_size=4)
+    cache = EmbeddingCache()
+    with caching(cache):
+        first = embed_dataset(encoder, ds, batch_size=4)
+        again = embed_dataset(encoder.variant(), ds, batch_size=4)  # another object, same state
+    # first: per batch the routed pass and, inside it, the frozen pass miss; again: one hit
+    assert cache.hits > 0 and cache.misses == 2 * cache.hits
+    for emb in (first, again):
+        assert torch.equal(emb.images, reference.images)
+        assert torch.equal(emb.texts, reference.texts)
+
+
+def test_a_routed_encoder_digest_follows_its_bank_prototypes_and_settings():
+    cache = EmbeddingCache()
+    encoder = _routed()
+    digest = cache.weights_digest(encoder)
+    assert cache.weights_digest(encoder.variant()) is None  # a new module is in training mode
+    assert digest is not None and cache.weights_digest(encoder.variant().eval()) == digest
+    assert cache.weights_digest(encoder.variant(k=1).eval()) != digest
+    assert cache.weights_digest(encoder.for_task("t0").eval()) != digest
+    assert cache.weights_digest(encoder.variant(strategy="random").eval()) is None  # draws advance
+    with torch.no_grad():
+        encoder.memory.image_mean[0, 0] += 1.0
+    assert cache.weights_digest(encoder) != digest
+    encoder.bank.add_adapter(rank=2)  # a new adapter (B = 0) is a new state too
+    assert cache.weights_digest(encoder) not in (None, digest)

@@ -11,14 +11,16 @@ function of weights alone is cached: a module tree of known layers (torch, trans
 open_clip, cmrkit's backbones) in eval mode, without hooks, under ``torch.no_grad``; LoRA bank
 layers count only while their routing is "none" (their base Linear alone acts; their adapters
 are then left out of the digest, so a disabled bank shares the bare backbone's entries) or
-"single" (one adapter acts on every item: its weights and scale join the digest).
-Anything else (a routed encoder, prompts, training mode) is computed every time.
+"single" (one adapter acts on every item: its weights and scale join the digest). A model may
+describe itself instead (``cache_state``: DAR's routed encoder names its bank, prototypes and
+routing settings). Anything else (prompts, hooks, training mode) is computed every time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -42,7 +44,8 @@ class EmbeddingCache:
         self.nbytes = 0
         self.hits = self.misses = 0
         self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
-        self._digests: dict[int, tuple[tuple, str]] = {}  # id(model) -> (state signature, digest)
+        # id(tensor) -> (weak reference, version when hashed, digest): weights hashed once
+        self._tensors: dict[int, tuple[weakref.ref, int, str]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -67,20 +70,26 @@ class EmbeddingCache:
 
     def weights_digest(self, model: nn.Module) -> str | None:
         """A digest of what decides ``model``'s function, or None when that is more than its
-        weights. Recomputed only when a tensor was replaced or changed in place."""
-        state = _function_state(model)
+        weights. A tensor is hashed again only when it was changed in place since."""
+        state = function_state(model)
         if state is None:
             return None
-        signature = tuple((name, id(t), t._version) for name, t in state)
-        known = self._digests.get(id(model))
-        if known is not None and known[0] == signature:
-            return known[1]
         h = hashlib.blake2b(digest_size=16)
         for name, t in state:
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(_bytes(t))
-        self._digests[id(model)] = (signature, h.hexdigest())
-        return self._digests[id(model)][1]
+            h.update(f"{name}:{self._tensor_digest(t)};".encode())
+        return h.hexdigest()
+
+    def _tensor_digest(self, t: Tensor) -> str:
+        known = self._tensors.get(id(t))
+        if known is not None and known[0]() is t and known[1] == t._version:
+            return known[2]
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(_bytes(t))
+        key = id(t)
+        forget = weakref.ref(t, lambda _: self._tensors.pop(key, None))  # ids are reused
+        self._tensors[key] = (forget, t._version, h.hexdigest())
+        return h.hexdigest()
 
     def _add(self, key: tuple, value: Tensor) -> None:
         size = value.numel() * value.element_size()
@@ -93,9 +102,12 @@ class EmbeddingCache:
         self.nbytes += size
 
 
-def _function_state(model: nn.Module) -> list[tuple[str, Tensor]] | None:
+def function_state(model: nn.Module) -> list[tuple[str, Tensor]] | None:
     """(name, tensor) of every parameter and buffer that acts (names carry what else decides a
-    layer's output); None when something else decides it."""
+    layer's output); None when something else decides it. A model that knows more about itself
+    says so through a ``cache_state()`` method of the same contract (the routed encoder)."""
+    if hasattr(model, "cache_state"):
+        return model.cache_state()
     state: list[tuple[str, Tensor]] = []
     lora: list[str] = []  # names of LoRA bank layers: their own entries describe what acts
     for name, module in model.named_modules():

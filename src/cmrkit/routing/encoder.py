@@ -176,6 +176,35 @@ class RoutedEncoder(nn.Module):
             **self.merge_params,
         )
 
+    def cache_state(self) -> list[tuple[str, Tensor]] | None:
+        """What decides this encoder's output besides its input, for a run's embedding cache
+        (:func:`cmrkit.eval.cache.function_state`): the bare backbone, every adapter, the
+        prototypes, the routing and merge settings. None under the random strategy (its draws
+        advance a generator) or while the bank routes on its own outside this encoder."""
+        if self.config.strategy == "random" or self.training:
+            return None
+        base = embedding_cache.function_state(self.backbone)  # the bank idles between calls
+        if base is None:
+            return None
+        settings = (
+            asdict(self.config),
+            self.merge_rule,
+            sorted(self.merge_params.items()),
+            self.merge_space,
+            self.merge_single,
+            self.task,
+            self.batch_dim,
+            self.memory.tasks,
+        )
+        memory = self.memory
+        state = [(f"routing {settings!r}", memory.image_mean), ("text_mean", memory.text_mean)]
+        state += [("counts", memory.counts), ("calibration", memory.calibration)]
+        for name, layer in self.bank.layers.items():
+            for i, alpha in enumerate(layer.alphas):
+                state += [(f"{name}@{i}x{alpha!r}.A", layer.lora_A[i])]
+                state += [(f"{name}@{i}.B", layer.lora_B[i])]
+        return base + state
+
     # --- variants -----------------------------------------------------------------------------
     def variant(self, **changes: Any) -> RoutedEncoder:
         """The same bank and memory under other inference settings: RouterConfig fields,
