@@ -205,3 +205,19 @@ def test_the_published_version_is_never_written_and_sizes_must_match(world, tmp_
     assert reader.ntotal == 1 and MilvusVectors.open(uri, "g").ntotal == 2  # not yet published
     index.publish()
     assert MilvusVectors.open(uri, "g").ntotal == 1
+
+
+def test_verify_reads_back_every_stored_vector_and_route(world, tmp_path):  # noqa: F811
+    enc = _encoder(world, 2)
+    store = MilvusVectors(str(tmp_path / "milvus.db"), "g", enc.backbone.embed_dim)
+    idx = GalleryIndex(enc.backbone.embed_dim, vectors=store)
+    _two_domain_build(world[0], enc, idx)
+    assert idx.verify() == []
+    row = store.items([int(idx.keys[1])], vectors=True)[0]
+    store.client.upsert(store.collection, [row | {"item_id": "south/999", "adapters": [1]}])
+    row = store.items([int(idx.keys[2])], vectors=True)[0]
+    store.client.upsert(store.collection, [row | {"vector": list(-np.asarray(row["vector"]))}])
+    assert idx.verify() == [
+        f"stored vectors differ for ['{idx.ids[2]}']",
+        f"stored ids or routes differ for ['{idx.ids[1]}']",
+    ]

@@ -582,6 +582,8 @@ class GalleryIndex:
             problems.append(f"routes outside the {top} adapters for {_first_ids(self.ids, bad)}")
         if self._cpu.ntotal != n:
             problems.append(f"FAISS holds {self._cpu.ntotal} vectors for {n} items")
+        elif n and hasattr(self._cpu, "items"):  # a store with metadata (Milvus): read it all
+            problems += self._verify_stored_items()
         elif n and not hasattr(self._cpu, "id_map"):  # another vector store: ask by key
             held = np.stack([self._cpu.reconstruct(int(k)) for k in self.keys])
             if (bad := ~np.isclose(held, self.embeddings, atol=1e-6).all(1)).any():
@@ -599,6 +601,26 @@ class GalleryIndex:
                 bad[rows] = (held != self.embeddings[rows]).any(1)
                 if bad.any():
                     problems.append(f"FAISS vectors differ for {_first_ids(self.ids, bad)}")
+        return problems
+
+    def _verify_stored_items(self) -> list[str]:
+        """A metadata store's rows against the index: vector, id and route of every key."""
+        stored = {r["key"]: r for r in self._cpu.items(self.keys.tolist(), vectors=True)}
+        bad_vector, bad_item = np.zeros(len(self), bool), np.zeros(len(self), bool)
+        for row, key in enumerate(self.keys.tolist()):
+            if (r := stored.get(key)) is None:
+                bad_vector[row] = True
+                continue
+            bad_vector[row] = not np.allclose(r["vector"], self.embeddings[row], atol=1e-6)
+            on = self.route_indices[row] >= 0
+            bad_item[row] = r["item_id"] != self.ids[row] or r["adapters"] != (
+                self.route_indices[row][on].tolist()
+            )
+        problems = []
+        if bad_vector.any():
+            problems.append(f"stored vectors differ for {_first_ids(self.ids, bad_vector)}")
+        if bad_item.any():
+            problems.append(f"stored ids or routes differ for {_first_ids(self.ids, bad_item)}")
         return problems
 
     # --- encoding with a routed encoder ---------------------------------------------------

@@ -269,11 +269,19 @@ class MilvusVectors:
             raise KeyError(f"Milvus collection {self.collection}: no key {key}")
         return np.asarray(rows[0][VECTOR], dtype=np.float32)
 
-    def items(self, keys: Sequence[int]) -> list[dict]:
-        """The stored metadata of ``keys`` (one dict per key found, in key order)."""
-        fields = [KEY, *METADATA]
-        rows = self.client.get(self.collection, ids=[int(k) for k in keys], output_fields=fields)
-        return sorted((dict(r) for r in rows), key=lambda r: r[KEY])
+    def items(self, keys: Sequence[int], vectors: bool = False) -> list[dict]:
+        """The stored metadata (and ``vectors``) of ``keys``: one dict per key found, in key
+        order, fetched in batches."""
+        fields = [KEY, *METADATA, *([VECTOR] if vectors else [])]
+        keys = [int(k) for k in keys]
+        rows = [
+            dict(r)
+            for s in range(0, len(keys), INSERT_BATCH)
+            for r in self.client.get(
+                self.collection, ids=keys[s : s + INSERT_BATCH], output_fields=fields
+            )
+        ]
+        return sorted(rows, key=lambda r: r[KEY])
 
     def close(self) -> None:
         self.client.close()
