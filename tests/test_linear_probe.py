@@ -54,13 +54,14 @@ def test_fit_equals_a_hand_computation_on_a_separable_pair():
     assert torch.allclose(fit_logistic(x, y, 2, l2), want, atol=1e-7)
 
 
-def test_folds_are_stratified_disjoint_and_cover_every_item():
-    y = torch.tensor([0] * 8 + [1] * 8 + [2] * 4)
+def test_folds_are_stratified_disjoint_and_never_hold_out_a_single_shot_class():
+    y = torch.tensor([0] * 8 + [1] * 8 + [2] * 4 + [3] + [4] * 2)
     folds = stratified_folds(y, 4, seed=3)
     items = torch.cat(folds).sort().values
-    assert torch.equal(items, torch.arange(len(y)))
+    assert torch.equal(items, torch.tensor([i for i in range(len(y)) if i != 20]))  # class 3
     for f in folds:
-        assert torch.bincount(y[f], minlength=3).tolist() == [2, 2, 1]
+        assert torch.bincount(y[f], minlength=5)[:3].tolist() == [2, 2, 1]
+    assert sorted(len(f) for f in folds) == [5, 5, 6, 6]  # class 4's two items in two folds
 
 
 def test_penalty_is_the_grid_value_with_the_best_validation_accuracy():
@@ -152,3 +153,24 @@ def test_cli_refusal_is_one_line(tmp_path, root, capsys):  # noqa: F811
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("cmrkit classify: error: --methods: linear_probe")
     assert "\n" not in err
+
+
+def test_a_single_shot_class_does_not_stop_validation(monkeypatch):
+    """Long-tailed shots (cmr-cls icons: many classes with one image) are still validated."""
+    from types import SimpleNamespace
+
+    import cmrkit.methods.linear_probe as lp
+    from cmrkit.methods import TaskContext, build_method
+    from cmrkit.train.loop import TrainConfig
+
+    x, y = _blobs(n_per_class=4, classes=3, dim=6, seed=4)
+    x, y = x[3:], y[3:]  # class 0 keeps one item
+    names = ["zero", "one", "two"]
+    monkeypatch.setattr(lp, "embed_images", lambda model, ds, batch, progress: x.float())
+    train = SimpleNamespace(captions=[[names[c]] for c in y.tolist()])
+    method = build_method("linear_probe", load_backbone("tiny-mini"))
+    method.end_task(TaskContext(0, "t", train, TrainConfig(), classes=names))
+    fit = method.extra_state()["fit"]
+    assert fit["folds"] == 4 and isinstance(fit["choice"], dict)
+    want = fit_logistic(x, y, 3, fit["l2"]).float()
+    assert torch.allclose(method.class_prototypes(["two", "zero"], []), want[[2, 0]], atol=1e-6)

@@ -6,8 +6,9 @@ encoder's eval preprocessing, L2-normalised features) and a multinomial logistic
 fitted to them by full-batch L-BFGS, minimising ``mean CE + l2/2 · ||W||²``. Without ``l2`` the
 strength is chosen on validation, as CLIP does: stratified k-fold over the shots, the grid value
 with the best mean validation accuracy (ties: lower validation loss, then the stronger penalty);
-then the head is refitted on all shots. With fewer than two shots of some class there is nothing
-to validate on and ``DEFAULT_L2`` is used (recorded in ``extra_state``).
+then the head is refitted on all shots. Classes with a single shot always stay in training; when
+no class has two there is nothing to validate on and ``DEFAULT_L2`` is used (recorded in
+``extra_state``).
 
 No intercept: the shots are balanced, and without it the head is a ``[C, d]`` matrix scored
 exactly as text prototypes are (``images @ W.T``), so classification runs unchanged. The head
@@ -58,16 +59,21 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int 
 
 
 def stratified_folds(y: Tensor, folds: int, seed: int) -> list[Tensor]:
-    """``folds`` disjoint validation index sets, each class's items dealt round-robin after a
-    seeded shuffle (every fold holds about 1/folds of every class)."""
+    """``folds`` disjoint validation index sets: each class's items, after a seeded shuffle, dealt
+    round-robin (one running counter, so fold sizes stay even). A class with a single item is
+    never held out: nothing would be left to train it (long-tailed few-shot sets, e.g. icons)."""
     rng = random.Random(seed)
     parts: list[list[int]] = [[] for _ in range(folds)]
+    dealt = 0
     for c in sorted(set(y.tolist())):
         items = [i for i, v in enumerate(y.tolist()) if v == c]
+        if len(items) < 2:
+            continue
         rng.shuffle(items)
-        for j, i in enumerate(items):
-            parts[j % folds].append(i)
-    return [torch.tensor(sorted(p)) for p in parts]
+        for i in items:
+            parts[dealt % folds].append(i)
+            dealt += 1
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
 
 
 def choose_l2(
@@ -129,15 +135,14 @@ class LinearProbe(ContinualMethod):
         index = {c: j for j, c in enumerate(task.classes)}
         y = torch.tensor([index[caps[0]] for caps in task.train.captions])
         x = embed_images(self.backbone, task.train, 256, progress=False)
-        per_class = torch.bincount(y, minlength=len(index)).min().item()
-        folds = min(self.folds, per_class)
+        folds = min(self.folds, torch.bincount(y).max().item())
         if self.l2 is not None:
             l2, how = float(self.l2), "given"
         elif folds >= 2:
             l2, scores = choose_l2(x, y, len(index), folds, seed=torch.initial_seed() % 2**32)
             how = {f"{k:g}": {"val_acc": a, "val_ce": c} for k, (a, c) in scores.items()}
         else:
-            l2, how = DEFAULT_L2, "default (a class has < 2 shots: no validation)"
+            l2, how = DEFAULT_L2, "default (no class has 2 shots: no validation)"
         self.head = fit_logistic(x, y, len(index), l2).float()
         if not math.isfinite(self.head.abs().max().item()):
             raise ValueError(f"method {self.name}: task {task.name}: the fitted head is not finite")
