@@ -319,7 +319,7 @@ class Bench:
     def _share_caches(self) -> EmbeddingCache | None:
         """Every model evaluated in this run reads one shared copy of each image's evaluation
         pixels, and a model unchanged since it embedded a batch (the zero-shot backbone, DAR's
-        routing features, a frozen tower) is not run on it again; both caches bounded by
+        routing features, a batch seen twice) is not run on it again; both caches bounded by
         ``cache_mb``. Cached values are the values recomputation gives: numbers do not move."""
         if not self.cfg.cache_mb:
             return None

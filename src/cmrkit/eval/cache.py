@@ -2,7 +2,7 @@
 
 A benchmark run evaluates many models on the same inputs, and many of them are the same model:
 the zero-shot method after every task, the pretrained backbone's probes and task order, DAR's
-routing features (its frozen backbone), L2P's text tower. :class:`EmbeddingCache` keys each
+routing features (its frozen backbone). :class:`EmbeddingCache` keys each
 batch's output by a digest of the model's weights and a digest of the batch itself, so a model
 whose weights have not changed is never run twice on the same batch, whichever method holds it.
 
