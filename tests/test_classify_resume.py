@@ -9,6 +9,8 @@ import sys
 import textwrap
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_classification import COLOURS, _folder, _suite
 
 from cmrkit.cli import main
@@ -173,6 +175,13 @@ def test_mma_and_rmadapter_killed_and_resumed_equal_uninterrupted(toy, tmp_path,
     assert run(kill, markers, args(toy, out, *extra, "--resume", methods=[method])) == 0
     assert numbers(out) == numbers(reference)
     assert not list(out.rglob(".*.tmp"))
+    final = [
+        load_file(r / "checkpoints" / method / "state-after-3.safetensors")
+        for r in (out, reference)
+    ]
+    assert final[0].keys() == final[1].keys()
+    for key in final[1]:
+        assert torch.equal(final[0][key], final[1][key]), key  # the weights, bit for bit
     zero_shot = tmp_path / "zs"
     assert main(args(toy, zero_shot, methods=["zeroshot"])) == 0
     ours = numbers(out)[method]["accuracy"]
