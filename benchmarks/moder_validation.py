@@ -28,7 +28,7 @@ import torch
 from cmrkit.backbones import load_backbone
 from cmrkit.data.classification import LabelledSet, base_novel_split, load_cls_suite
 from cmrkit.eval.retrieval import embed_images
-from cmrkit.eval.zeroshot import prototype_ranks
+from cmrkit.eval.zeroshot import class_embeddings, prototype_ranks
 from cmrkit.methods import TaskContext, build_method
 from cmrkit.train.loop import TrainConfig, train_task
 from cmrkit.utils import seed_everything
@@ -50,6 +50,21 @@ def accuracy(method, data: LabelledSet, items: list[int], images: torch.Tensor) 
     protos = method.class_prototypes(data.prompt_names, data.templates)
     ranks = prototype_ranks(images[items], protos, data.targets[items])
     return 100.0 * (ranks == 0).double().mean().item()
+
+
+def key_neighbours(backbone, data: LabelledSet, tau: float = 0.1) -> dict:
+    """How well the hub's keys (template-averaged class-name embeddings) tell classes apart: mean
+    cosine to the 1st and 5th nearest other class, and softmax(sim / tau) over the top 5."""
+    keys = class_embeddings(backbone, data.prompt_names, data.templates)
+    sims = keys @ keys.T
+    sims.fill_diagonal_(-2.0)
+    top = sims.topk(min(5, len(keys) - 1), dim=1).values
+    weights = torch.softmax(top / tau, dim=1).mean(0)
+    return {
+        "nn1_cos": top[:, 0].mean().item(),
+        "nn5_cos": top[:, -1].mean().item(),
+        "top5_weights": [round(w, 3) for w in weights.tolist()],
+    }
 
 
 def main() -> None:
@@ -142,6 +157,7 @@ def main() -> None:
             "fit_items": len(fit),
             "held_items": len(held),
             "unseen_items": len(unseen_items),
+            "hub_keys": key_neighbours(backbone, train),
             "results": rows,
         }
         with open(args.out, "w") as f:
