@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bench_config, write_tiny_suite
+from conftest import bench_argv, tiny_bench_config, write_tiny_suite
 from PIL import Image
 
 from cmrkit.adapters import inject_lora_bank
 from cmrkit.adapters.lora_bank import AdapterRouting
 from cmrkit.backbones import load_backbone
 from cmrkit.bench import Bench, run_bench
+from cmrkit.cli import main
 from cmrkit.data.dataset import ImageCache, ImageCaptionDataset, load_imagefolder
 from cmrkit.data.synthetic import generate as generate_rows
 from cmrkit.eval.cache import EmbeddingCache, caching
@@ -226,9 +227,12 @@ def test_bench_numbers_are_the_same_with_and_without_the_caches(suite, tmp_path)
     assert bench.tests["flat"].image_cache.hits > 0
 
 
-def test_bench_refuses_a_negative_cache_bound(suite, tmp_path):
+def test_bench_refuses_a_negative_cache_bound(suite, tmp_path, capsys):
     with pytest.raises(ValueError, match="--cache-mb"):
         Bench(tiny_bench_config(suite, tmp_path / "run", cache_mb=-1))
+    assert main(bench_argv(suite, tmp_path / "cli", "zeroshot", "--cache-mb", "-1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cmrkit bench: error: --cache-mb must be a whole number >= 0, got -1"
 
 
 def test_freed_memory_is_reused_without_page_faults():

@@ -213,6 +213,13 @@ def run_args(p: argparse.ArgumentParser) -> None:
         "(repeatable)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--cache-mb",
+        type=int,
+        default=1024,
+        help="bound of each shared cache: evaluation images, embeddings of unchanged models "
+        "(MiB; 0: none; numbers do not change)",
+    )
 
 
 def train_overrides(args, base: dict | None = None) -> dict:
@@ -254,6 +261,7 @@ def _run_bench(args) -> int:
         allow_outside=args.allow_outside_files,
         preset=args.preset,
         validation=args.validation,
+        cache_mb=args.cache_mb,
     )
     if args.quick:
         cfg.templates = list(QUICK_TEMPLATES)
