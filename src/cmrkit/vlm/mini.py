@@ -366,7 +366,7 @@ def train_lm(model: MiniVLM, batches: Batches, cfg: PretrainVLMConfig) -> list[f
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
             if len(losses) == cfg.steps:
