@@ -1,6 +1,7 @@
 """``cmrkit vlm bench`` end to end on a tiny random mini VLM, and its data: seeded generators,
 disjoint splits."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -105,6 +106,34 @@ def test_bench_end_to_end_on_a_tiny_vlm(tmp_path):
     assert results["methods"]["seq_lora"]["timings"]["train_s"][0] > 0
 
 
+@needs_data
+def test_merge_with_zero_weight_is_the_base_model(tmp_path):
+    cfg = VLMBenchConfig(
+        out=str(tmp_path / "run"),
+        methods=["base", "merge"],
+        quick=True,
+        **VLMBenchConfig.QUICK,
+        tasks=["count", "spatial"],
+        method_options={"merge": {"lam": 0.0}},
+    )
+    d = task_set("count", cfg.data(), "train")
+    model = build_vlm(
+        Vocabulary.build(d.questions + d.answers),
+        tiny_mini(),
+        1,
+        hidden=32,
+        layers=2,
+        heads=2,
+        intermediate=64,
+        grid=2,
+    )
+    r = run_vlm_bench(cfg, model)["methods"]
+    assert r["merge"]["accuracy"] == r["base"]["accuracy"]
+    assert r["merge"]["general"] == r["base"]["general"]
+    with pytest.raises(ValueError, match="takes no option 'nope'"):
+        run_vlm_bench(dataclasses.replace(cfg, method_options={"merge": {"nope": 1}}), model)
+
+
 def test_bench_cli_refuses_bad_arguments(tmp_path, capsys):
     assert main(["vlm", "bench", "--out", str(tmp_path), "--methods", "nope"]) == 2
     err = capsys.readouterr().err.strip()
@@ -114,3 +143,8 @@ def test_bench_cli_refuses_bad_arguments(tmp_path, capsys):
     assert "--tasks: give distinct tasks" in capsys.readouterr().err
     assert main(["vlm", "pretrain", "--steps", "0", "--out", str(tmp_path / "m")]) == 2
     assert "--steps: must be >= 1" in capsys.readouterr().err
+    assert (
+        main(["vlm", "bench", "--out", str(tmp_path), "--methods", "base", "--set", "merge.lam=0"])
+        == 2
+    )
+    assert "method 'merge' is not in --methods" in capsys.readouterr().err

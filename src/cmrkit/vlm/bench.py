@@ -57,14 +57,20 @@ class VLMBenchConfig:
     general_test: int = 100  # per question kind
     threads: int = 1
     quick: bool = False
+    method_options: dict[str, dict] = field(default_factory=dict)  # --set METHOD.KEY=VALUE
 
     QUICK = dict(steps=8, gate_steps=4, batch_size=16, task_train=48, task_test=24, general_test=6)
 
     @classmethod
     def from_args(cls, args) -> VLMBenchConfig:
-        from cmrkit.cli import _split
+        from cmrkit.cli import _method_options, _split
 
-        cfg = cls(out=args.out, methods=_split(args.methods), quick=args.quick)
+        cfg = cls(
+            out=args.out,
+            methods=_split(args.methods),
+            quick=args.quick,
+            method_options=_method_options(args.set),
+        )
         if args.quick:
             cfg = dataclasses.replace(cfg, tasks=list(TASKS[:2]), **cls.QUICK)
         given = {
@@ -97,6 +103,9 @@ class VLMBenchConfig:
         for m in self.methods:
             if m not in METHODS:
                 raise ValueError(f"--methods: unknown method {m!r}; choose from {sorted(METHODS)}")
+        for m in self.method_options:
+            if m not in self.methods:
+                raise ValueError(f"--set {m}.KEY=VALUE: method {m!r} is not in --methods")
         for t in self.tasks:
             if t not in TASKS:
                 raise ValueError(f"--tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -141,6 +150,7 @@ class VLMBench:
         self.out = check_writable_dir(cfg.out, "--out")
         torch.set_num_threads(cfg.threads)
         self.model = model if model is not None else load_vlm(cfg.model)
+        self.methods = self._methods()  # built before any data work: bad options fail fast
         self.boot = BootstrapConfig()
         data_cfg = cfg.data()
         self.general = self._split(general_set(data_cfg, "test"))
@@ -151,8 +161,6 @@ class VLMBench:
         return _Split(data, set_features(self.model, data))
 
     def run(self) -> dict:
-        from .methods import make_method
-
         started = time.time()
         tasks = self.cfg.tasks
         results = {
@@ -167,11 +175,7 @@ class VLMBench:
         base_hits = {t: self._hits(self.model, self.test[t]) for t in tasks}
         base_general = self._hits(self.model, self.general)
         results["base"] = self._base_record(base_hits, base_general)
-        pool = self._pool() if any(m in _pooled() for m in self.cfg.methods) else None
-        methods = {
-            name: make_method(name, pool=pool) if name in _pooled() else self._own(name)
-            for name in self.cfg.methods
-        }
+        methods = self.methods
         hits = {name: {"A": {}, "G": [base_general]} for name in methods}
         timings = {name: {k: [] for k in TIMINGS} for name in methods}
         for t, task in enumerate(tasks):
@@ -203,6 +207,17 @@ class VLMBench:
         return results
 
     # --- methods ---------------------------------------------------------------------------
+    def _methods(self) -> dict:
+        from .methods import make_method
+
+        pool = self._pool() if any(m in _pooled() for m in self.cfg.methods) else None
+        return {
+            name: make_method(name, pool=pool, **self.cfg.method_options.get(name, {}))
+            if name in _pooled()
+            else self._own(name)
+            for name in self.cfg.methods
+        }
+
     def _train_config(self, steps: int, lr: float):
         from .experts import VLMTrainConfig
 
@@ -222,14 +237,18 @@ class VLMBench:
     def _own(self, name: str):
         from .methods import make_method
 
+        options = self.cfg.method_options.get(name, {})
         if name == "base":
-            return make_method(name, _fresh(self.model))
+            return make_method(name, _fresh(self.model), **options)
         return make_method(
             name,
             _fresh(self.model),
-            rank=self.cfg.rank,
-            alpha=2.0 * self.cfg.rank,
-            expert_config=self._train_config(self.cfg.steps, self.cfg.lr),
+            **{
+                "rank": self.cfg.rank,
+                "alpha": 2.0 * self.cfg.rank,
+                "expert_config": self._train_config(self.cfg.steps, self.cfg.lr),
+                **options,
+            },
         )
 
     # --- scoring -----------------------------------------------------------------------------

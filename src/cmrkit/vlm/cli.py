@@ -38,6 +38,14 @@ def register(sub) -> None:
     b.add_argument("--general-test", type=int, help="general benchmark items per question kind")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     b.add_argument("--quick", action="store_true", help="small settings for a smoke run")
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a method's option, e.g. phatgoose.top_k=1, phatgoose.base_threshold=0.5, "
+        "merge.lam=0.5, arrow.temperature=2",
+    )
     b.set_defaults(run=_bench)
 
 
