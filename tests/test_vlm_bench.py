@@ -12,6 +12,7 @@ from cmrkit.backbones.embedded import tiny_mini
 from cmrkit.cli import main
 from cmrkit.data.suites import default_data_root
 from cmrkit.eval.metrics import backward_transfer
+from cmrkit.eval.schema import load_results
 from cmrkit.vlm.bench import VLMBenchConfig, run_vlm_bench
 from cmrkit.vlm.data import TASKS, DataConfig, general_set, task_set
 from cmrkit.vlm.mini import Vocabulary, build_vlm
@@ -76,6 +77,7 @@ def test_bench_end_to_end_on_a_tiny_vlm(tmp_path):
     model = build_vlm(vocab, tiny_mini(), 0, hidden=32, layers=2, heads=2, intermediate=64, grid=2)
     results = run_vlm_bench(cfg, model)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    load_results(tmp_path / "run")  # the house schema (cmrkit.eval.schema) accepts it
     assert saved["tasks"] == ["count", "spatial"] and set(saved["methods"]) == {
         "base",
         "seq_lora",
@@ -91,9 +93,9 @@ def test_bench_end_to_end_on_a_tiny_vlm(tmp_path):
     for r in saved["methods"].values():
         assert r["complete"] and len(r["general"]) == 3 and r["accuracy"][0][1] is None
         assert r["general"][0] == pytest.approx(saved["base"]["general"]["value"])
-        assert r["metrics"]["bwt"]["value"] == pytest.approx(backward_transfer(r["accuracy"]))
-        lo, hi = r["metrics"]["general_final"]["ci"]
-        assert lo <= r["metrics"]["general_final"]["value"] <= hi
+        assert r["continual"]["bwt"]["value"] == pytest.approx(backward_transfer(r["accuracy"]))
+        lo, hi = r["continual"]["general_final"]["ci"]
+        assert lo <= r["continual"]["general_final"]["value"] <= hi
         assert all(0 <= x <= 100 for row in r["accuracy"] for x in row if x is not None)
     assert saved["methods"]["oracle"]["general"][-1] == pytest.approx(base["general"][-1])
     routing = saved["methods"]["phatgoose"]["routing"]

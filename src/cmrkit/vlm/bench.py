@@ -28,7 +28,8 @@ import torch
 
 from cmrkit.eval.bootstrap import BootstrapConfig, interval, replicate_means, stream_seed
 from cmrkit.eval.metrics import METRICS
-from cmrkit.utils import check_writable_dir, write_json
+from cmrkit.eval.schema import save_results
+from cmrkit.utils import check_writable_dir
 
 from .data import TASKS, DataConfig, VLMSet, general_set, task_set
 from .mini import Batches, MiniVLM, accuracy_hits, eval_batches, set_features
@@ -313,7 +314,7 @@ class VLMBench:
             "general": [100 * g.double().mean().item() for g in h["G"]],
             "general_ci": [self._ci(r) for r in g_reps],
             "general_by_kind": self._by_kind(h["G"][-1]),
-            "metrics": metrics,
+            "continual": metrics,  # not "metrics": the schema keeps that for recall summaries
             "summary": {k: v["value"] for k, v in metrics.items() if v["value"] is not None},
             "timings": timings,
             "wall_s": sum(timings["train_s"]) + sum(timings["eval_s"]),
@@ -344,7 +345,7 @@ class VLMBench:
         return out
 
     def _write(self, results: dict) -> None:
-        write_json(self.out / "results.json", results)
+        save_results(self.out / "results.json", results)  # validated, atomic, NaN refused
         write_vlm_report(results, self.out)
 
 
@@ -446,7 +447,7 @@ def write_vlm_report(results: dict, out: Path) -> Path:
     rows = [
         (
             name,
-            [Num(r["metrics"][k]["value"], r["metrics"][k]["ci"]) for k, _ in cols]
+            [Num(r["continual"][k]["value"], r["continual"][k]["ci"]) for k, _ in cols]
             + [Num(r["wall_s"]), Num(r.get("cpu_s"))],
         )
         for name, r in methods.items()
