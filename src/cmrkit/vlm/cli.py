@@ -8,7 +8,9 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("vlm", help="mini vision-language model: pretrain it, run expert routing")
-    vsub = p.add_subparsers(dest="vlm_command", required=True, metavar="VLM_COMMAND")
+    vsub = p.add_subparsers(
+        dest="vlm_command", required=True, metavar="VLM_COMMAND", help="pretrain or bench"
+    )
     pre = vsub.add_parser("pretrain", help="pretrain the mini VLM on the general instruction mix")
     pre.add_argument("--out", help="weights file (default: the shipped asset)")
     pre.add_argument("--data-root", help="data root (default: $CMRKIT_DATA, else ../shared/data)")
