@@ -129,7 +129,7 @@ def test_killed_and_resumed_equals_uninterrupted(toy, reference, tmp_path, kill)
 @pytest.mark.parametrize(
     "extra, difference",
     [
-        (["--set", "moder.k=1"], "moder: options.k 5 -> 1"),
+        (["--set", "moder.k=1"], "moder: options.k 3 -> 1"),
         (["--order", "reverse"], "order 'given' -> 'reverse'"),
         (["--lr", "0.5"], "moder: train.lr 0.01 -> 0.5"),
     ],
