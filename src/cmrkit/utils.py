@@ -126,7 +126,9 @@ def reuse_freed_memory() -> bool:
     system, for the rest of the process. A batch's activations (tens of MB each) otherwise come
     from fresh mmaps every forward, and their page faults cost about a fifth of a CPU forward of
     cmrkit-mini at batch 256; no number changes. Resident memory stays at its peak (what
-    :func:`release_free_memory` gives back). False where the allocator is not glibc's."""
+    :func:`release_free_memory` gives back). Whether a freed block is reused depends on the
+    heap's layout (where brk cannot grow, glibc falls back to mmap): a speed-up measured in
+    benchmarks, never relied on. False where the allocator is not glibc's."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
