@@ -378,12 +378,7 @@ class Bench:
         stored = self.results.get("config")
         if not stored:
             return
-        ours = _jsonable(asdict(self.cfg))
-        diffs = [
-            f"{key} {stored.get(key)!r} -> {ours[key]!r}"
-            for key in ours
-            if key not in NOT_RUN_IDENTITY and stored.get(key) != ours[key]
-        ]
+        diffs = run_setting_differences(stored, self.cfg)
         names = sorted(t.name for t in self.suite.tasks)
         if "tasks" in self.results and sorted(self.results["tasks"]) != names:
             diffs.append(f"tasks {sorted(self.results['tasks'])} -> {names}")
@@ -609,6 +604,17 @@ def _method_identity(config: dict) -> dict:
     options."""
     train = {k: v for k, v in config["train"].items() if k not in NOT_METHOD_IDENTITY}
     return _jsonable({"train": train, "options": config["options"]})
+
+
+def run_setting_differences(stored: dict, cfg) -> list[str]:
+    """Each run setting (bar NOT_RUN_IDENTITY) of ``cfg`` that differs from a stored run's
+    config, as ``key old -> new``."""
+    ours = _jsonable(asdict(cfg))
+    return [
+        f"{key} {stored.get(key)!r} -> {ours[key]!r}"
+        for key in ours
+        if key not in NOT_RUN_IDENTITY and stored.get(key) != ours[key]
+    ]
 
 
 def read_results(path: Path) -> dict:

@@ -34,13 +34,13 @@ from safetensors.torch import load_file, save_file
 
 from .backbones import load_backbone
 from .bench import (
-    NOT_RUN_IDENTITY,
     _differences,
     _environment,
     _jsonable,
     _method_identity,
     method_config,
     read_results,
+    run_setting_differences,
 )
 from .data.classification import (
     ClsSuite,
@@ -425,12 +425,7 @@ class Classify:
         stored = self.stored.get("config")
         if not stored:
             return
-        ours = _jsonable(asdict(self.cfg))
-        diffs = [
-            f"{key} {stored.get(key)!r} -> {ours[key]!r}"
-            for key in ours
-            if key not in NOT_RUN_IDENTITY and stored.get(key) != ours[key]
-        ]
+        diffs = run_setting_differences(stored, self.cfg)
         records = self.stored.get("methods", {})
         for name in self.cfg.methods:
             if records.get(name, {}).get("config"):
