@@ -63,6 +63,15 @@ class ContinualMethod:
     def begin_task(self, task: TaskContext) -> None:
         """Called before training on ``task``."""
 
+    def take_task_classes(self, task: TaskContext) -> None:
+        """For methods trained on class names: the task's classes (in order, with their index
+        for the loss's targets) and its prompt templates; a task without class names is refused."""
+        if not task.classes:
+            raise ValueError(f"method {self.name}: task {task.name} has no class names")
+        self.task_classes = list(task.classes)
+        self.templates = list(task.templates or self.templates)
+        self._index = {c: j for j, c in enumerate(self.task_classes)}
+
     def end_task(self, task: TaskContext) -> None:
         """Called after training on ``task``, before it is evaluated."""
 

@@ -52,11 +52,7 @@ class CoOp(ContinualMethod):
             raise ValueError(f"method {cls.name}: init_std must be >= 0")
 
     def begin_task(self, task: TaskContext) -> None:
-        if not task.classes:
-            raise ValueError(f"method {self.name}: task {task.name} has no class names")
-        self.task_classes = list(task.classes)
-        self.templates = list(task.templates or self.templates)
-        self._index = {c: j for j, c in enumerate(self.task_classes)}
+        self.take_task_classes(task)
         self._draw = random.Random(torch.initial_seed())  # seeded by the runner per task
 
     def trainable_parameters(self) -> list[nn.Parameter]:

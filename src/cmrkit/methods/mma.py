@@ -75,11 +75,7 @@ class MMA(ContinualMethod):
                 raise ValueError(f"method {cls.name}: {key} must be >= 0, got {options[key]}")
 
     def begin_task(self, task: TaskContext) -> None:
-        if not task.classes:
-            raise ValueError(f"method {self.name}: task {task.name} has no class names")
-        self.task_classes = list(task.classes)
-        self.templates = list(task.templates or self.templates)
-        self._index = {c: j for j, c in enumerate(self.task_classes)}
+        self.take_task_classes(task)
         self._draw = random.Random(torch.initial_seed())  # seeded by the runner per task
 
     def trainable_parameters(self) -> list[nn.Parameter]:

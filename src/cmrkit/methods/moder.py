@@ -83,11 +83,7 @@ class MoDER(ContinualMethod):
 
     # --- Textual Alignment ----------------------------------------------------------------------
     def begin_task(self, task: TaskContext) -> None:
-        if not task.classes:
-            raise ValueError(f"method {self.name}: task {task.name} has no class names")
-        self.task_classes = list(task.classes)
-        self.templates = list(task.templates or self.templates)
-        self._index = {c: j for j, c in enumerate(self.task_classes)}
+        self.take_task_classes(task)
         shape = (len(self.task_classes), self.n_ctx, self.hub_experts.shape[-1])
         device = self.backbone.device
         self.current = nn.Parameter(torch.randn(shape, device=device) * self.init_std)
