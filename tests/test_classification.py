@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from cmrkit.backbones import load_backbone
 from cmrkit.classify import ClassifyConfig, run_classify
@@ -17,6 +18,7 @@ from cmrkit.data.classification import (
     pretrain_renderings,
 )
 from cmrkit.data.suites import default_data_root
+from cmrkit.eval.bootstrap import BootstrapConfig, interval, replicate_means, stream_seed
 from cmrkit.eval.metrics import (
     ci_transfer,
     final_average,
@@ -198,6 +200,43 @@ def test_classify_class_il_numbers_equal_a_hand_computation(tmp_path, cls_root):
     assert lo <= ft["accuracy"][2][0] <= hi
     report = (tmp_path / "run" / "report.md").read_text()
     assert "CI-Transfer" in report and "finetune" in report
+    # paired differences from the first method, by hand from the stored hits of both
+    paired = results["paired"]
+    assert paired["reference"] == "zeroshot" and set(paired["methods"]) == {
+        "finetune",
+        "lora_ft",
+        "dar",
+    }
+    boot = BootstrapConfig()
+
+    def reps(name):
+        folder = tmp_path / "run" / "checkpoints" / name
+        state = load_file(folder / json.loads((folder / "progress.json").read_text())["weights"])
+        return np.stack(
+            [
+                np.stack(
+                    [
+                        100
+                        * replicate_means(
+                            state[f"hits.{t}.{s}"].bool(),
+                            boot.n_boot,
+                            stream_seed(boot.seed, f"cls/{task}"),
+                        )
+                        for s, task in enumerate(results["tasks"])
+                    ],
+                    -1,
+                )
+                for t in range(3)
+            ],
+            -2,
+        )
+
+    d = paired["methods"]["finetune"]["ci_transfer"]
+    assert d["diff"] == pytest.approx(m["value"] - ci_transfer(zs))
+    want = interval(ci_transfer(reps("finetune")) - ci_transfer(reps("zeroshot")), boot.level)
+    assert d["ci"] == pytest.approx(list(want))
+    assert d["significant"] == (want[0] > 0 or want[1] < 0)
+    assert "Paired differences from zeroshot" in report
 
 
 def test_classify_mtil_and_base_to_novel(tmp_path, cls_root):

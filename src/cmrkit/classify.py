@@ -167,6 +167,8 @@ class Classify:
             write_json(self.out / "results.json", results)
         if self.protocol == "base-to-novel" and len(self._b2n_hits) > 1:
             results["paired"] = self._paired_base_to_novel(results["methods"])
+        elif self.protocol not in FEW_SHOT and len(self.cfg.methods) > 1:
+            results["paired"] = self._paired_stream(results["methods"], tasks)
         results["wall_s"] = self.stored.get("wall_s", 0.0) + time.time() - started
         write_json(self.out / "results.json", results)
         from .eval.cls_report import write_cls_report
@@ -193,19 +195,7 @@ class Classify:
             timings["eval_s"].append(time.time() - tic)
             self._checkpoint(name, method, correct, timings, t + 1)
         A = [[100.0 * correct[t, s].double().mean().item() for s in range(T)] for t in range(T)]
-        reps = np.stack(
-            [
-                np.stack(
-                    [
-                        100 * replicate_means(correct[t, s], self.boot.n_boot, self._seed(tasks[s]))
-                        for s in range(T)
-                    ],
-                    -1,
-                )
-                for t in range(T)
-            ],
-            -2,
-        )  # [n_boot, T, T]: task s's items resampled alike in every row and method
+        reps = self._cell_replicates(correct, tasks)
         metrics = {
             key: {"value": fn(A), "ci": interval(fn(reps), self.boot.level)}
             for key, fn in CLS_METRICS.items()
@@ -221,6 +211,49 @@ class Classify:
             "timings": timings,
             "restored_s": restored_s,
         }
+
+    def _cell_replicates(self, correct: dict, tasks: list[ClsTask]) -> np.ndarray:
+        """[n_boot, T, T] bootstrap replicates of A: task s's items resampled alike in every row
+        and for every method (seeded by its name), so differences between methods are paired."""
+        T = len(tasks)
+        return np.stack(
+            [
+                np.stack(
+                    [
+                        100 * replicate_means(correct[t, s], self.boot.n_boot, self._seed(tasks[s]))
+                        for s in range(T)
+                    ],
+                    -1,
+                )
+                for t in range(T)
+            ],
+            -2,
+        )
+
+    def _paired_stream(self, records: dict, tasks: list[ClsTask]) -> dict:
+        """Each method's metrics minus the first method's, with the 95 % paired bootstrap
+        interval; the scored cells come back from each method's last checkpoint."""
+        ref, *others = self.cfg.methods
+        reps = {}
+        for name in self.cfg.methods:
+            correct: dict = {}
+            self._restore_hits(name, correct)
+            reps[name] = self._cell_replicates(correct, tasks)
+        out = {}
+        for name in others:
+            point, point_ref = records[name]["metrics"], records[ref]["metrics"]
+            out[name] = {
+                key: paired_difference(
+                    point[key]["value"],
+                    point_ref[key]["value"],
+                    fn(reps[name]),
+                    fn(reps[ref]),
+                    self.boot.level,
+                ).as_dict()
+                for key, fn in CLS_METRICS.items()
+                if point[key]["value"] is not None
+            }
+        return {"reference": ref, "methods": out}
 
     def _score(self, method, tasks: list[ClsTask]) -> list[torch.Tensor]:
         """Per task, whether each of its test items is classified right (one image forward per
@@ -467,12 +500,15 @@ class Classify:
         method.load_state_dict(
             {k.removeprefix("method."): v for k, v in state.items() if k.startswith("method.")}
         )
-        for key, hits in state.items():
-            if key.startswith("hits."):
-                t, s = map(int, key.split(".")[1:])
-                correct[t, s] = hits.bool()
+        _read_hits(state, correct)
         timings.update(meta["timings"])
         return int(meta["done"])
+
+    def _restore_hits(self, name: str, correct: dict) -> None:
+        """The scored cells of ``name``'s last checkpoint, into ``correct``."""
+        folder = self.out / "checkpoints" / name
+        meta = json.loads((folder / "progress.json").read_text())
+        _read_hits(load_file(folder / meta["weights"]), correct)
 
     # --- shared --------------------------------------------------------------------------------
     def _build(self, name: str):
@@ -523,6 +559,13 @@ class Classify:
     def _record_config(self, name: str) -> dict:
         train_cfg, options = self.settings[name]
         return _jsonable({"train": asdict(train_cfg), "options": options})
+
+
+def _read_hits(state: dict[str, torch.Tensor], correct: dict) -> None:
+    for key, hits in state.items():
+        if key.startswith("hits."):
+            t, s = map(int, key.split(".")[1:])
+            correct[t, s] = hits.bool()
 
 
 def _extra(method, d: str, test: ImageCaptionDataset) -> dict:

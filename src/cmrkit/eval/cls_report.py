@@ -64,6 +64,7 @@ def _stream(results: dict) -> list[str]:
         ),
         "",
     ]
+    lines += _paired_stream(results)
     for name, r in methods.items():
         lines += [f"### {name}: accuracy matrix", ""]
         lines += ["| after \\ on | " + " | ".join(tasks) + " | seen avg |"]
@@ -126,6 +127,27 @@ def _paired_base_novel(results: dict) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _paired_stream(results: dict) -> list[str]:
+    """Each method's summary metrics minus the reference's (the run's first method), with the
+    95 % paired bootstrap interval; `*` = the interval excludes 0."""
+    paired = results.get("paired")
+    if not paired:
+        return []
+    ref, cols = paired["reference"], STREAM_COLUMNS[results["protocol"]]
+    lines = [
+        f"## Paired differences from {ref}",
+        "",
+        f"Each method minus {ref} (points), 95 % paired bootstrap interval (the same resampled "
+        "test items for both); `*` = the interval excludes 0.",
+        "",
+        "| Method | " + " | ".join(f"Δ{c}" for _, c in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for name, per in paired["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(_diff_text(per.get(k)) for k, _ in cols) + " |")
+    return lines + [""]
 
 
 def _diff_text(c: dict | None) -> str:
