@@ -330,6 +330,30 @@ def test_bench_on_two_ranks_resumes_and_only_rank_0_writes(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def _cli_bench_stdout(suite, out):
+    import contextlib
+    import io
+
+    from cmrkit.cli import main
+
+    argv = ["bench", "--suite", suite, "--methods", "zeroshot", "--out", out]
+    argv += ["--backbone", "tiny-mini", "--quick", "--no-progress", "--device", "cpu"]
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        code = main(argv)
+    return code, text.getvalue()
+
+
+def test_bench_under_torchrun_reports_once_from_rank_0(tmp_path):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(BENCH_SUITE)
+    (code0, out0), (code1, out1) = run_ranks(
+        _cli_bench_stdout, tmp_path, str(suite), str(tmp_path / "run")
+    )
+    assert code0 == code1 == 0
+    assert "wrote" in out0 and "zeroshot: final avg R@1" in out0
+    assert out1 == ""
+
+
 # --- the gallery index: sharded build and update ------------------------------------------------
 def _write_gallery(root, n=24):
     from PIL import Image

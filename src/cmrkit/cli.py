@@ -237,6 +237,7 @@ def train_overrides(args, base: dict | None = None) -> dict:
 
 
 def _run_bench(args) -> int:
+    from . import distributed
     from .bench import BenchConfig, run_bench, run_seeds
     from .methods import METHODS, _load_all  # noqa: F401  (fills the registry)
 
@@ -271,11 +272,16 @@ def _run_bench(args) -> int:
     if seeds and args.seed is not None:
         raise ValueError("--seed and --seeds: give one of them")
     results = run_seeds(cfg, seeds) if seeds else run_bench(cfg)
-    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
-    failed = 0
+    failed = [r["failed"] for r in results["methods"].values() if r.get("failed")]
+    if distributed.is_main():  # under torchrun every rank holds the results; one reports them
+        _print_summary(results, args.out)
+    return 1 if failed else 0
+
+
+def _print_summary(results: dict, out: str) -> None:
+    print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
     for name, record in results["methods"].items():
         if record.get("failed"):
-            failed += 1
             print(f"{name:>16}: FAILED: {record['failed']}")
             print(f"cmrkit bench: error: {record['failed']}", file=sys.stderr)
             continue
@@ -284,7 +290,6 @@ def _run_bench(args) -> int:
             f"{name:>16}: final avg R@1  T2I {final['t2i']['R@1']:.1f}  "
             f"I2T {final['i2t']['R@1']:.1f}"
         )
-    return 1 if failed else 0
 
 
 def _method_options(pairs: list[str]) -> dict[str, dict]:
