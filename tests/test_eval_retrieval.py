@@ -253,3 +253,17 @@ def test_texts_without_an_attention_mask_keep_the_given_order():
     from cmrkit.eval.retrieval import length_batches
 
     assert length_batches(FakeEncoder(), ["a", "bb", "c", "dd", "e"], 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_equal_texts_are_embedded_once_and_tie_exactly():
+    from cmrkit.backbones import load_backbone
+
+    model = load_backbone("tiny-mini")
+    texts = ["a dog", "a long caption about a red car on a road", "a dog", "x"] * 5
+    rows = []
+    encode = model.encode_text
+    model.encode_text = lambda tokens: rows.append(len(tokens["input_ids"])) or encode(tokens)
+    emb = embed_texts(model, texts, batch_size=2, progress=False)
+    assert sum(rows) == 3  # three distinct texts
+    for i, t in enumerate(texts):
+        assert torch.equal(emb[i], emb[texts.index(t)])  # bit for bit: an exact tie

@@ -149,10 +149,15 @@ def image_batch(ds: CaptionDataset, indices: Sequence[int], transform: Callable)
 def embed_texts(
     encoder: Encoder, texts: Sequence[str], batch_size: int = 256, progress: bool | None = None
 ) -> Tensor:
-    """L2-normalised float32 CPU text embeddings [M,d]; sharded across ranks under torchrun."""
+    """L2-normalised float32 CPU text embeddings [M,d]; sharded across ranks under torchrun.
+    A text given twice is embedded once, so equal captions get equal embeddings and tie
+    exactly (broken by index, as the ranking promises), whatever batches they fall in."""
     if not texts:
         raise ValueError("embed_texts: no texts to embed")
-    return shard_map(list(texts), lambda part: _embed_texts(encoder, part, batch_size, progress))
+    distinct = list(dict.fromkeys(texts))
+    where = {text: i for i, text in enumerate(distinct)}
+    embedded = shard_map(distinct, lambda part: _embed_texts(encoder, part, batch_size, progress))
+    return embedded[torch.tensor([where[t] for t in texts], dtype=torch.long)]
 
 
 def _embed_texts(encoder, texts, batch_size, progress) -> Tensor:
