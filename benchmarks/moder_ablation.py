@@ -38,13 +38,13 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.split(" (")[0]).strip("-")
 
 
-def run(suite: str, out: Path, method: str, options: dict, args) -> dict:
+def run(suite: str, out: Path, methods: list[str], args, moder_options: dict | None = None) -> dict:
     cfg = ClassifyConfig(
         suite=suite,
-        methods=[method] if method != "references" else list(REFERENCES),
+        methods=methods,
         out=str(out),
         data_root=args.data_root,
-        method_options={method: options} if options else {},
+        method_options={"moder": moder_options} if moder_options else {},
         train_overrides={"progress": False},
         resume=True,  # a killed sweep continues; a finished variant is read back
         device="cpu",
@@ -76,12 +76,12 @@ def main() -> None:
         "| variant | CI-Transfer | final avg | wall |",
         "|---|---:|---:|---:|",
     ]
-    refs = run(args.suite, args.out / "references", "references", {}, args)
+    refs = run(args.suite, args.out / "references", list(REFERENCES), args)
     lines += [row(n, refs[n]) for n in REFERENCES]
     for name, options in VARIANTS.items():
         if only and slug(name) not in only:
             continue
-        record = run(args.suite, args.out / slug(name), "moder", options, args)["moder"]
+        record = run(args.suite, args.out / slug(name), ["moder"], args, options)["moder"]
         lines.append(row(name, record))
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ and the bootstrap draws each task's queries from the task's name, so the differe
 replicate by replicate even when zero-shot ran in another folder. Forgetting is the run's own
 metric (METHODS §7) through the same replicates.
 
-    python benchmarks/reference_sweep.py --zeroshot runs/s4_ref_val_zs runs/s4_ref_val_ft_* \\
+    python benchmarks/reference_sweep.py --zeroshot runs/ref-val-zs runs/ref-val-ft_* \\
         --out benchmarks/reference_sweep.md
 """
 
