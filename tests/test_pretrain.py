@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,15 @@ def test_cls_weight_weighs_exactly_that_domains_images():
     assert len(icons) == 1733 and len(weights) == len(pool)
     assert weights[icons].eq(4).all() and weights.eq(4).sum() == len(icons)
     assert weights.eq(1).sum() == len(pool) - len(icons)
+
+
+@pytest.mark.parametrize("cls_domains", [False, True])
+def test_default_settings_are_the_shipped_builds(cls_domains):
+    """`cmrkit pretrain [--cls-domains]` with no other flag rebuilds the shipped weights: its
+    defaults equal the settings their JSON records."""
+    from dataclasses import asdict
+
+    cfg = PretrainConfig(data_root="", cls_domains=cls_domains)
+    recorded = json.loads(Path(cfg.out).with_suffix(".json").read_text())["pretrain_config"]
+    ours = asdict(cfg) | {"data_root": "<data-root>", "out": Path(cfg.out).name}
+    assert {k: ours[k] for k in recorded} == recorded
