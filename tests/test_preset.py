@@ -158,12 +158,12 @@ def test_bad_validation_is_one_line_and_exit_2(suite, tmp_path, capsys, extra, m
 
 
 # --- benchmarks/reference_sweep.py: the evidence behind the preset ------------------------------
-def _sweep_module():
+def _sweep_module(name="reference_sweep"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "reference_sweep.py"
-    spec = importlib.util.spec_from_file_location("reference_sweep", path)
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -192,3 +192,21 @@ def test_sweep_gain_is_diagonal_minus_zeroshot_and_paired(suite, tmp_path):
     assert (same == 0).all() and (same_reps == 0).all()  # paired: itself exactly zero
     _, table = sweep.rows(zs, [ft], cfg)
     assert table[1].startswith(f"| ft | finetune | 0.01 | 20 | {sweep.fmt(gain[0], reps[:, 0])}")
+
+
+def test_paired_script_equals_the_reports_comparison_and_itself_is_zero(suite, tmp_path):
+    paired = _sweep_module("paired")
+    run = tmp_path / "run"
+    assert main(bench_args(suite, run, "--lr", "1e-2", methods="zeroshot,finetune")) == 0
+    stored = json.loads((run / "results.json").read_text())["comparisons"]["recall"]["finetune"]
+    rows = paired.compare(run, "zeroshot", "finetune")
+    for metric in ("final_avg", "bwt"):
+        for d in ("t2i", "i2t"):
+            p = stored[metric][d]["R@1"]["methods"]["zeroshot"]
+            mark = "*" if p["significant"] else ""
+            want = f"{p['diff']:+.1f} [{p['ci'][0]:+.1f}, {p['ci'][1]:+.1f}]{mark} |"
+            assert any(r.startswith(f"| {metric} | {d} |") and r.endswith(want) for r in rows)
+    same = paired.compare(run, "finetune", "finetune")[2:]
+    assert same and all(r.endswith("| +0.0 [+0.0, +0.0] |") for r in same)
+    with pytest.raises(SystemExit, match="'dar' did not complete"):
+        paired.compare(run, "dar", "finetune")
