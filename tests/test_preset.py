@@ -208,5 +208,5 @@ def test_paired_script_equals_the_reports_comparison_and_itself_is_zero(suite, t
             assert any(r.startswith(f"| {metric} | {d} |") and r.endswith(want) for r in rows)
     same = paired.compare(run, "finetune", "finetune")[2:]
     assert same and all(r.endswith("| +0.0 [+0.0, +0.0] |") for r in same)
-    with pytest.raises(SystemExit, match="'dar' did not complete"):
+    with pytest.raises(ValueError, match="'dar' did not complete"):
         paired.compare(run, "dar", "finetune")

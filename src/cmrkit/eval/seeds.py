@@ -84,6 +84,17 @@ def aggregate_records(records: Sequence[dict], cells: Sequence[Cells], tasks, cf
     return record
 
 
+def seed_cells(
+    run_dirs: Sequence[str | Path], method: str, tasks: Sequence[str], cfg: BootstrapConfig
+) -> list[Cells]:
+    """Replicates of ``method``'s recall matrices in each run folder (one per seed), from its
+    stored per-query ranks (NaN, so no interval, where a folder holds none)."""
+    return [
+        cell_replicates(load_ranks(Path(f) / "ranks" / f"{method}.safetensors"), tasks, cfg)
+        for f in run_dirs
+    ]
+
+
 def aggregate_seeds(run_dirs: Mapping[int, str | Path], cfg: BootstrapConfig) -> dict:
     """The results of one run repeated over seeds (``run_dirs``: seed → its run folder, each
     holding results.json and ranks/) as one results dict of the same schema."""
@@ -105,12 +116,7 @@ def aggregate_seeds(run_dirs: Mapping[int, str | Path], cfg: BootstrapConfig) ->
             why = "; ".join(sorted(reasons)) or "did not finish"
             methods[name] = {"failed": f"seeds {failed}: {why}", "complete": False}
             continue
-        per_seed_cells = [
-            cell_replicates(
-                load_ranks(Path(run_dirs[s]) / "ranks" / f"{name}.safetensors"), tasks, cfg
-            )
-            for s in seeds
-        ]
+        per_seed_cells = seed_cells([run_dirs[s] for s in seeds], name, tasks, cfg)
         methods[name] = aggregate_records(records, per_seed_cells, tasks, cfg)
         cells[name] = mean_cells(per_seed_cells)
     results = {
